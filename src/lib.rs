@@ -1,0 +1,11 @@
+//! egressd: an egress-enforcing appliance — an HTTP/HTTPS forward proxy and a DNS firewall
+//! deciding with one policy.
+//!
+//! Data flows one way: [`config`] → validated [`policy::Policy`] → (proxy | dns) → decision.
+//! The [`policy`] module is pure: no sockets, no files, no clocks.
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod policy;
