@@ -6,6 +6,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod policy;
+pub mod proxy;
+pub mod resolve;
+pub mod state;
+pub mod telemetry;

@@ -69,16 +69,17 @@ impl Check<'_> {
         }
     }
 
+    /// Listener addresses; port 0 binds an ephemeral port (tests use it).
     pub fn sockets(&mut self, v: Option<Vec<S<String>>>, field: &str, default: &[&str]) -> Vec<SocketAddr> {
         match v {
             None => default.iter().filter_map(|s| s.parse().ok()).collect(),
-            Some(list) => list.into_iter().filter_map(|s| self.socket(&s, field)).collect(),
+            Some(list) => list.into_iter().filter_map(|s| self.socket(&s, field, true)).collect(),
         }
     }
 
-    pub fn socket(&mut self, s: &S<String>, field: &str) -> Option<SocketAddr> {
+    pub fn socket(&mut self, s: &S<String>, field: &str, listener: bool) -> Option<SocketAddr> {
         match SocketAddr::from_str(s.get_ref()) {
-            Ok(a) if a.port() != 0 => Some(a),
+            Ok(a) if a.port() != 0 || listener => Some(a),
             Ok(_) => {
                 self.err(s.span(), field, "port 0 is not allowed");
                 None
@@ -314,7 +315,7 @@ fn admin(c: &mut Check<'_>, a: raw::RawAdmin) -> AdminConfig {
     let listen = match a.listen {
         None => "127.0.0.1:9180".parse().ok(),
         Some(s) if s.get_ref().is_empty() => None,
-        Some(s) => c.socket(&s, "admin.listen"),
+        Some(s) => c.socket(&s, "admin.listen", true),
     };
     let allow_clients = match a.allow_clients {
         None => vec!["127.0.0.0/8".parse().expect("literal"), "::1/128".parse().expect("literal")],

@@ -1,0 +1,179 @@
+//! The explicit forward proxy: accept loop, per-connection hyper HTTP/1.1 server, and the
+//! dispatch of each request to plain-HTTP forwarding or a CONNECT tunnel.
+//!
+//! Every request is decided against the policy snapshot current when it arrived; every error
+//! path ends in a denial or a closed connection.
+
+mod connect;
+pub mod dial;
+mod http;
+pub mod pool;
+pub mod relay;
+pub mod respond;
+pub mod sni;
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::resolve::Resolver;
+use crate::state::State;
+use crate::telemetry::next_id;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Body type of every request and response the proxy handles.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// What every proxy connection shares.
+pub struct Proxy {
+    pub state: Arc<State>,
+    pub resolver: Arc<Resolver>,
+    pub pool: pool::Pool,
+    limit: Arc<Semaphore>,
+}
+
+impl Proxy {
+    pub fn new(state: Arc<State>, resolver: Arc<Resolver>) -> Arc<Self> {
+        let snap = state.snapshot();
+        let cfg = &snap.config.proxy;
+        let pool = pool::Pool::new(cfg.idle_timeout.min(Duration::from_secs(90)));
+        let limit = Arc::new(Semaphore::new(cfg.max_connections));
+        Arc::new(Self { state, resolver, pool, limit })
+    }
+}
+
+/// One client connection: its address, its upload total, and its connection-limit permit.
+pub(crate) struct Conn {
+    pub client: IpAddr,
+    pub uploaded: AtomicU64,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Accepts on `listener` until the task is dropped. Past `max_connections` the loop stops
+/// accepting (connections wait in the kernel backlog) and resumes as others close; accept
+/// errors such as EMFILE are logged and retried after a pause, never fatal.
+pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
+    loop {
+        let Ok(permit) = proxy.limit.clone().acquire_owned().await else { return };
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "Accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        tokio::spawn(serve_conn(proxy, stream, peer, permit));
+    }
+}
+
+async fn serve_conn(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+    let snap = proxy.state.snapshot();
+    let cfg = snap.config.proxy.clone();
+    drop(snap);
+    let conn = Arc::new(Conn { client: peer.ip(), uploaded: AtomicU64::new(0), _permit: permit });
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Tracked { inner: stream, activity: activity.clone() });
+    let svc_proxy = proxy.clone();
+    let svc = service_fn(move |req| {
+        let (proxy, conn) = (svc_proxy.clone(), conn.clone());
+        async move {
+            let id = next_id();
+            let snap = proxy.state.snapshot();
+            let resp = if req.method() == ::http::Method::CONNECT {
+                connect::handle(proxy, conn, snap, id, req).await
+            } else {
+                http::handle(proxy, conn, snap, id, req).await
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .keep_alive(true);
+    let served = builder.serve_connection(io, svc).with_upgrades();
+    tokio::pin!(served);
+    let tick = (cfg.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = &mut served => break,
+            _ = tokio::time::sleep(tick) => {
+                if activity.idle_for() >= cfg.idle_timeout {
+                    served.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// Time of the last byte read or written on a client connection.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self { start: Instant::now(), last_ms: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.start.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// A client socket that records activity, for the keep-alive idle timeout.
+struct Tracked {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

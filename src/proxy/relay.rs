@@ -1,0 +1,171 @@
+//! Byte relay between a client and an upstream, for CONNECT tunnels and upgraded HTTP
+//! connections: counts bytes both ways, enforces the client→server cap, closes idle tunnels.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Why a relay ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both sides closed normally.
+    Closed,
+    /// The client sent more than the cap allows; nothing past the cap was forwarded.
+    UploadLimit,
+    /// Neither side sent anything for the idle timeout.
+    Idle,
+    /// A read or write failed (reset, broken pipe).
+    Error,
+}
+
+/// Byte counts and how the relay ended.
+#[derive(Clone, Copy, Debug)]
+pub struct RelayOutcome {
+    pub up: u64,
+    pub down: u64,
+    pub end: RelayEnd,
+}
+
+const BUF: usize = 32 * 1024;
+
+struct Shared {
+    start: Instant,
+    /// Milliseconds since `start` of the last byte in either direction.
+    last: AtomicU64,
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Shared {
+    fn touch(&self) {
+        self.last.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+/// Copies one direction. `cap` bounds the total including `already` bytes sent before the
+/// relay started.
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    counter: &AtomicU64,
+    cap: Option<u64>,
+    shared: &Shared,
+    idle: Duration,
+) -> RelayEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF];
+    loop {
+        let n = match tokio::time::timeout(idle, from.read(&mut buf)).await {
+            Err(_) if shared.idle_for() >= idle => return RelayEnd::Idle,
+            Err(_) => continue,
+            Ok(Err(_)) => return RelayEnd::Error,
+            Ok(Ok(0)) => {
+                let _ = to.shutdown().await;
+                return RelayEnd::Closed;
+            }
+            Ok(Ok(n)) => n,
+        };
+        let sent = counter.load(Ordering::Relaxed);
+        if cap.is_some_and(|cap| sent + n as u64 > cap) {
+            return RelayEnd::UploadLimit;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return RelayEnd::Error;
+        }
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        shared.touch();
+    }
+}
+
+/// Relays until both directions close, the cap is hit, the tunnel idles out, or an error.
+/// `already_up` counts client bytes forwarded before the relay (a replayed ClientHello).
+pub async fn relay<C, U>(client: C, upstream: U, already_up: u64, cap: Option<u64>, idle: Duration) -> RelayOutcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let shared = Arc::new(Shared {
+        start: Instant::now(),
+        last: AtomicU64::new(0),
+        up: AtomicU64::new(already_up),
+        down: AtomicU64::new(0),
+    });
+    let (cr, cw) = tokio::io::split(client);
+    let (ur, uw) = tokio::io::split(upstream);
+    let up = pump(cr, uw, &shared.up, cap, &shared, idle);
+    let down = pump(ur, cw, &shared.down, None, &shared, idle);
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    let mut end = RelayEnd::Closed;
+    while !(up_done && down_done) {
+        let finished = tokio::select! {
+            e = &mut up, if !up_done => { up_done = true; e }
+            e = &mut down, if !down_done => { down_done = true; e }
+        };
+        if finished != RelayEnd::Closed {
+            end = finished;
+            break;
+        }
+    }
+    RelayOutcome { up: shared.up.load(Ordering::Relaxed), down: shared.down.load(Ordering::Relaxed), end }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    #[tokio::test]
+    async fn relays_both_ways_and_counts() {
+        let (client, mut client_peer) = duplex(1024);
+        let (upstream, mut upstream_peer) = duplex(1024);
+        let task = tokio::spawn(relay(client, upstream, 0, None, Duration::from_secs(5)));
+        client_peer.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        upstream_peer.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
+        upstream_peer.write_all(b"world!").await.unwrap();
+        let mut buf = [0u8; 6];
+        client_peer.read_exact(&mut buf).await.unwrap();
+        drop(client_peer);
+        drop(upstream_peer);
+        let out = task.await.unwrap();
+        assert_eq!((out.up, out.down), (5, 6));
+    }
+
+    #[tokio::test]
+    async fn cap_stops_before_forwarding_excess() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let (upstream, mut upstream_peer) = duplex(1 << 16);
+        let task = tokio::spawn(relay(client, upstream, 10, Some(100), Duration::from_secs(5)));
+        client_peer.write_all(&[1u8; 50]).await.unwrap();
+        let mut got = vec![0u8; 50];
+        upstream_peer.read_exact(&mut got).await.unwrap();
+        client_peer.write_all(&[2u8; 60]).await.unwrap();
+        let out = task.await.unwrap();
+        assert_eq!(out.end, RelayEnd::UploadLimit);
+        assert_eq!(out.up, 60, "10 replayed + 50 relayed; the crossing chunk was not forwarded");
+        let mut rest = Vec::new();
+        drop(client_peer);
+        let _ = upstream_peer.read_to_end(&mut rest).await;
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn idle_tunnel_closes() {
+        let (client, _client_peer) = duplex(1024);
+        let (upstream, _upstream_peer) = duplex(1024);
+        let out = relay(client, upstream, 0, None, Duration::from_millis(200)).await;
+        assert_eq!(out.end, RelayEnd::Idle);
+    }
+}
