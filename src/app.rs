@@ -4,12 +4,16 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::admin::{self, Readiness};
 use crate::config::{self, ConfigError};
+use crate::dns::{self, handler::Firewall, tunneling::Detector};
 use crate::proxy::{self, Proxy};
-use crate::resolve::{Resolver, upstream::Upstreams};
+use crate::reload::{self, Reloader};
+use crate::resolve::{Cache, Resolver, upstream::Upstreams};
 use crate::state::State;
 
 /// Why `run` could not start or stopped with an error.
@@ -38,40 +42,106 @@ fn addr_list(listeners: &[TcpListener]) -> String {
     listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect::<Vec<_>>().join(",")
 }
 
-/// Runs egressd with the config at `path` until a shutdown signal.
+/// Runs egressd with the config at `path` until SIGTERM or SIGINT, then drains: `/readyz`
+/// turns 503, listeners stop accepting, idle keep-alive connections close, and requests and
+/// tunnels in flight get up to `admin.shutdown_grace` to finish before the rest are closed.
 pub async fn run(path: &Path) -> Result<(), AppError> {
+    // Signal handlers first, so a SIGTERM during start-up is not fatal-by-default.
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(AppError::Signal)?;
     let loaded = config::load(path)?;
     let cfg = loaded.config.clone();
+    let readiness = Readiness::new();
+    let state = Arc::new(State::new(loaded));
+    // The admin listener comes up first so `/readyz` answers 503 until everything is bound.
+    let admin_listener = match cfg.admin.listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| AppError::Bind { addr, source })?),
+        None => None,
+    };
     let upstreams =
         Upstreams::new(&cfg.dns.upstreams, cfg.dns.upstream_timeout).map_err(|e| AppError::Upstreams(e.to_string()))?;
-    let resolver = Arc::new(Resolver::new(cfg.hosts.clone(), upstreams));
-    let state = Arc::new(State::new(loaded));
+    let cache = Cache::new(cfg.dns.cache_entries, cfg.dns.max_ttl);
+    let resolver = Arc::new(Resolver::with_cache(cfg.hosts.clone(), upstreams, cache));
     let proxy_listeners = bind_all(&cfg.proxy.listen).await?;
+    let mut dns_listeners = Vec::with_capacity(cfg.dns.listen.len());
+    for &addr in &cfg.dns.listen {
+        dns_listeners.push(dns::bind(addr).await.map_err(|source| AppError::Bind { addr, source })?);
+    }
+    let dns_addrs: Vec<String> =
+        dns_listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
+    let firewall = Arc::new(Firewall {
+        state: state.clone(),
+        resolver: resolver.clone(),
+        detector: Arc::new(Detector::new(&cfg.dns.tunneling)),
+    });
     let proxy = Proxy::new(state.clone(), resolver.clone());
+    let proxy_addrs = addr_list(&proxy_listeners);
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string());
+    let pac_proxy =
+        cfg.admin.pac_proxy.clone().unwrap_or_else(|| proxy_addrs.split(',').next().unwrap_or_default().to_string());
+
+    let mut listeners = Vec::new();
+    let mut background = Vec::new();
+    if let Some(l) = admin_listener {
+        background.push(tokio::spawn(admin::serve(l, state.clone(), readiness.clone(), pac_proxy)));
+    }
+    for l in proxy_listeners {
+        listeners.push(tokio::spawn(proxy::serve(proxy.clone(), l)));
+    }
+    for l in dns_listeners {
+        listeners.push(tokio::spawn(dns::serve_udp(firewall.clone(), l.udp)));
+        listeners.push(tokio::spawn(dns::serve_tcp(firewall.clone(), l.tcp)));
+    }
+    let reloader = Arc::new(Reloader {
+        path: path.to_path_buf(),
+        state: state.clone(),
+        resolver: resolver.clone(),
+        proxy: proxy.clone(),
+    });
+    background.push(tokio::spawn(reload::run(reloader)));
+    readiness.set_ready();
     let snap = state.snapshot();
     tracing::info!(
         event = "start",
         generation = snap.generation,
         config = %path.display(),
-        proxy_listen = %addr_list(&proxy_listeners),
+        proxy_listen = %proxy_addrs,
+        dns_listen = %dns_addrs.join(","),
+        admin_listen = admin_addr.as_deref().unwrap_or(""),
         rules = snap.policy.rules().len(),
         names = snap.policy.names().len(),
         "egressd started"
     );
     drop(snap);
-    let mut tasks = Vec::new();
-    for l in proxy_listeners {
-        tasks.push(tokio::spawn(proxy::serve(proxy.clone(), l)));
-    }
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(AppError::Signal)?;
+
     let signal = tokio::select! {
         _ = tokio::signal::ctrl_c() => "SIGINT",
         _ = term.recv() => "SIGTERM",
     };
-    for t in &tasks {
+    let grace = state.snapshot().config.admin.shutdown_grace;
+    tracing::info!(
+        event = "draining",
+        signal,
+        grace_s = grace.as_secs_f64(),
+        active = proxy.active_connections(),
+        "Draining"
+    );
+    readiness.set_draining();
+    for t in &listeners {
         t.abort();
     }
-    tracing::info!(event = "shutdown", signal, "egressd stopping");
+    proxy.drain();
+    let deadline = tokio::time::Instant::now() + grace;
+    while proxy.active_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = proxy.active_connections();
+    if left > 0 {
+        proxy.tunnels.close_all();
+    }
+    for t in &background {
+        t.abort();
+    }
+    tracing::info!(event = "shutdown", signal, closed_at_deadline = left, "egressd stopped");
     Ok(())
 }

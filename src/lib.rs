@@ -6,11 +6,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod dns;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod resolve;
 pub mod state;
 pub mod telemetry;

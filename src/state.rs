@@ -1,5 +1,6 @@
 //! The live policy snapshot: an `ArcSwap` read lock-free on every request and swapped whole on
-//! reload, with a generation number that rises once per successful load.
+//! reload, with a generation number that rises once per successful load. Every policy that
+//! comes into force updates the config and policy gauges in [`crate::telemetry::metrics`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +10,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{Config, Loaded, SourceFile};
 use crate::policy::Policy;
+use crate::telemetry::metrics;
 
 /// One loaded configuration and its compiled policy. Requests hold an `Arc<Snapshot>` for
 /// their whole life, so in-flight work finishes under the policy it started with.
@@ -19,6 +21,13 @@ pub struct Snapshot {
     pub sources: Vec<SourceFile>,
     pub generation: u64,
     pub loaded_at: SystemTime,
+}
+
+impl Snapshot {
+    /// Sets the generation, last-success time and policy size gauges to this snapshot's.
+    fn publish_metrics(&self) {
+        metrics().set_policy(self.generation, self.policy.rules().len(), self.policy.names().len(), self.loaded_at);
+    }
 }
 
 /// The current snapshot and the generation counter.
@@ -38,6 +47,7 @@ impl State {
             generation: 1,
             loaded_at: SystemTime::now(),
         };
+        snap.publish_metrics();
         Self { current: ArcSwap::from_pointee(snap), generation: AtomicU64::new(1) }
     }
 
@@ -46,7 +56,7 @@ impl State {
         self.current.load_full()
     }
 
-    /// Swaps in a newly loaded policy; returns its generation.
+    /// Swaps in a newly loaded policy and counts a successful reload; returns its generation.
     pub fn replace(&self, loaded: Loaded) -> u64 {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let snap = Snapshot {
@@ -56,6 +66,8 @@ impl State {
             generation,
             loaded_at: SystemTime::now(),
         };
+        snap.publish_metrics();
+        metrics().config_reloads_success.inc();
         self.current.store(Arc::new(snap));
         generation
     }

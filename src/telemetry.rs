@@ -1,5 +1,9 @@
-//! Logging setup and the one canonical decision event: every allow, deny and alert is emitted
-//! through [`DecisionEvent::emit`], so the audit line carries the same fields everywhere.
+//! Logging setup, the Prometheus metrics registry, and the one canonical decision event: every
+//! allow, deny and alert is emitted through [`DecisionEvent::emit`], which writes the audit line
+//! and counts the decision from the same values, so logs and metrics can never disagree.
+//!
+//! Metric names and labels are the contract's (DESIGN.md, "Metrics"). Label values come from
+//! closed sets (kinds, actions, reasons, directions) or rule names; host names never do.
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
@@ -7,6 +11,11 @@ use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::config::TunnelingAction;
 use crate::policy::{Action, Reason};
 
 /// Log output format.
@@ -82,8 +91,26 @@ pub struct DecisionEvent<'a> {
 }
 
 impl DecisionEvent<'_> {
-    /// Writes the audit line.
+    /// Writes the audit line and counts the decision in [`metrics()`].
     pub fn emit(&self) {
+        self.log();
+        self.count(metrics());
+    }
+
+    /// Counts the decision: `dns` in `egressd_dns_queries_total`, every other kind in
+    /// `egressd_proxy_requests_total` with its bytes in `egressd_proxy_bytes_total`.
+    pub fn count(&self, m: &Metrics) {
+        let (action, reason) = (self.action.as_str(), self.reason.as_str());
+        if self.kind == Kind::Dns {
+            m.dns_queries.with_label_values(&[action, reason, self.rule]).inc();
+            return;
+        }
+        m.proxy_requests.with_label_values(&[self.kind.as_str(), action, reason, self.rule]).inc();
+        m.proxy_bytes_upload.inc_by(self.bytes_up);
+        m.proxy_bytes_download.inc_by(self.bytes_down);
+    }
+
+    fn log(&self) {
         let ts = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         let duration_ms = self.duration.as_secs_f64() * 1000.0;
         // Every contract field is always present; absent values are empty strings / 0.
@@ -106,5 +133,298 @@ impl DecisionEvent<'_> {
             duration_ms = (duration_ms * 1000.0).round() / 1000.0,
             "decision"
         );
+    }
+}
+
+/// Upper bounds (seconds) of the latency histograms: 1 ms to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Every egressd metric, registered in one registry. Series with a closed label set are
+/// created at zero up front so that `rate()` and `increase()` see them from the first scrape.
+pub struct Metrics {
+    registry: Registry,
+    /// `egressd_proxy_requests_total{kind, action, reason, rule}`; counted by [`DecisionEvent::emit`].
+    pub proxy_requests: IntCounterVec,
+    /// `egressd_proxy_active_connections{kind}`; see [`Metrics::track_connection`].
+    pub proxy_active_connections: IntGaugeVec,
+    /// `egressd_proxy_bytes_total{direction="upload"}`.
+    pub proxy_bytes_upload: IntCounter,
+    /// `egressd_proxy_bytes_total{direction="download"}`.
+    pub proxy_bytes_download: IntCounter,
+    /// `egressd_proxy_upstream_connect_seconds`.
+    pub proxy_upstream_connect_seconds: Histogram,
+    /// `egressd_dns_queries_total{action, reason, rule}`; counted by [`DecisionEvent::emit`].
+    pub dns_queries: IntCounterVec,
+    /// `egressd_dns_cache_hits_total`.
+    pub dns_cache_hits: IntCounter,
+    /// `egressd_dns_cache_misses_total`.
+    pub dns_cache_misses: IntCounter,
+    /// `egressd_dns_upstream_seconds`.
+    pub dns_upstream_seconds: Histogram,
+    /// `egressd_dns_tunneling_detections_total{action="block"}`.
+    pub dns_tunneling_blocked: IntCounter,
+    /// `egressd_dns_tunneling_detections_total{action="alert"}`.
+    pub dns_tunneling_alerted: IntCounter,
+    /// `egressd_config_reloads_total{result="success"}`.
+    pub config_reloads_success: IntCounter,
+    /// `egressd_config_reloads_total{result="failure"}`.
+    pub config_reloads_failure: IntCounter,
+    /// `egressd_config_generation`.
+    pub config_generation: IntGauge,
+    /// `egressd_config_last_reload_success_timestamp_seconds` (the initial load counts).
+    pub config_last_reload_success: Gauge,
+    /// `egressd_policy_rules`.
+    pub policy_rules: IntGauge,
+    /// `egressd_policy_names`.
+    pub policy_names: IntGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric at zero. The process uses [`metrics()`]; tests may
+    /// build their own to count in isolation.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        // Registration only fails on a duplicate or malformed name; the names below are fixed
+        // literals, covered by the tests.
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let v = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(v.clone())).expect("unique metric");
+            v
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str| {
+            let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+            let h = Histogram::with_opts(opts).expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+
+        let proxy_requests = counter_vec(
+            "egressd_proxy_requests_total",
+            "Proxy decisions (http, connect, transparent) by action, reason and rule.",
+            &["kind", "action", "reason", "rule"],
+        );
+        let proxy_active_connections = IntGaugeVec::new(
+            Opts::new("egressd_proxy_active_connections", "Open proxy client connections by kind."),
+            &["kind"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(proxy_active_connections.clone())).expect("unique metric");
+        for kind in [Kind::Http, Kind::Connect, Kind::Transparent] {
+            proxy_active_connections.with_label_values(&[kind.as_str()]).set(0);
+        }
+        let bytes = counter_vec(
+            "egressd_proxy_bytes_total",
+            "Bytes relayed by the proxy: upload is client to server, download server to client.",
+            &["direction"],
+        );
+        let dns_queries = counter_vec(
+            "egressd_dns_queries_total",
+            "DNS firewall decisions by action, reason and rule.",
+            &["action", "reason", "rule"],
+        );
+        let tunneling = counter_vec(
+            "egressd_dns_tunneling_detections_total",
+            "DNS queries flagged by the tunneling heuristics, by the configured action.",
+            &["action"],
+        );
+        let reloads = counter_vec("egressd_config_reloads_total", "Config reload attempts by result.", &["result"]);
+        let build_info = IntGaugeVec::new(
+            Opts::new("egressd_build_info", "Always 1; the label carries the egressd version."),
+            &["version"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(build_info.clone())).expect("unique metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+
+        let last_success = Gauge::new(
+            "egressd_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load (the initial one included).",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(last_success.clone())).expect("unique metric");
+
+        Self {
+            proxy_requests,
+            proxy_active_connections,
+            proxy_bytes_upload: bytes.with_label_values(&["upload"]),
+            proxy_bytes_download: bytes.with_label_values(&["download"]),
+            proxy_upstream_connect_seconds: histogram(
+                "egressd_proxy_upstream_connect_seconds",
+                "Time to open the TCP connection to the upstream (resolution excluded).",
+            ),
+            dns_queries,
+            dns_cache_hits: counter("egressd_dns_cache_hits_total", "DNS answers served from the cache."),
+            dns_cache_misses: counter("egressd_dns_cache_misses_total", "DNS lookups the cache could not answer."),
+            dns_upstream_seconds: histogram("egressd_dns_upstream_seconds", "Time for a DNS upstream to answer."),
+            dns_tunneling_blocked: tunneling.with_label_values(&["block"]),
+            dns_tunneling_alerted: tunneling.with_label_values(&["alert"]),
+            config_reloads_success: reloads.with_label_values(&["success"]),
+            config_reloads_failure: reloads.with_label_values(&["failure"]),
+            config_generation: gauge("egressd_config_generation", "Generation of the policy in force (1 at start)."),
+            config_last_reload_success: last_success,
+            policy_rules: gauge("egressd_policy_rules", "Rules in the policy in force."),
+            policy_names: gauge("egressd_policy_names", "Distinct host names and wildcards in the policy in force."),
+            registry,
+        }
+    }
+
+    /// Counts an open proxy connection of `kind` until the returned guard is dropped.
+    pub fn track_connection(&self, kind: Kind) -> ConnectionGuard {
+        let gauge = self.proxy_active_connections.with_label_values(&[kind.as_str()]);
+        gauge.inc();
+        ConnectionGuard { gauge }
+    }
+
+    /// Counts a query flagged by the tunneling heuristics (`Off` counts nothing).
+    pub fn count_tunneling(&self, action: TunnelingAction) {
+        match action {
+            TunnelingAction::Block => self.dns_tunneling_blocked.inc(),
+            TunnelingAction::Alert => self.dns_tunneling_alerted.inc(),
+            TunnelingAction::Off => {}
+        }
+    }
+
+    /// Records a policy that just came into force.
+    pub fn set_policy(&self, generation: u64, rules: usize, names: usize, loaded_at: SystemTime) {
+        self.config_generation.set(i64::try_from(generation).unwrap_or(i64::MAX));
+        self.policy_rules.set(i64::try_from(rules).unwrap_or(i64::MAX));
+        self.policy_names.set(i64::try_from(names).unwrap_or(i64::MAX));
+        let ts = loaded_at.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        self.config_last_reload_success.set(ts);
+    }
+
+    /// The registry in the Prometheus text format (0.0.4).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "Encoding metrics failed");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Decrements `egressd_proxy_active_connections{kind}` when dropped.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    gauge: IntGauge,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// The process-wide metrics in the Prometheus text format, for `GET /metrics`.
+pub fn encode_metrics() -> String {
+    metrics().encode()
+}
+
+/// Counts a reload that was refused (the running policy stays). Success is counted by
+/// [`crate::state::State::replace`].
+pub fn record_reload_failure() {
+    metrics().config_reloads_failure.inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: Kind, action: Action, reason: Reason, rule: &str) -> DecisionEvent<'_> {
+        DecisionEvent {
+            id: "t",
+            kind,
+            client: IpAddr::from([127, 0, 0, 1]),
+            host: "secret-host.example",
+            port: Some(443),
+            qtype: None,
+            action,
+            rule,
+            reason,
+            upstream_ip: None,
+            bytes_up: 10,
+            bytes_down: 20,
+            duration: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn closed_label_sets_start_at_zero() {
+        let text = Metrics::new().encode();
+        for line in [
+            "egressd_proxy_bytes_total{direction=\"upload\"} 0",
+            "egressd_proxy_bytes_total{direction=\"download\"} 0",
+            "egressd_config_reloads_total{result=\"success\"} 0",
+            "egressd_config_reloads_total{result=\"failure\"} 0",
+            "egressd_dns_tunneling_detections_total{action=\"block\"} 0",
+            "egressd_proxy_active_connections{kind=\"connect\"} 0",
+            "egressd_dns_cache_hits_total 0",
+            "egressd_config_generation 0",
+            "egressd_proxy_upstream_connect_seconds_count 0",
+        ] {
+            assert!(text.contains(line), "missing `{line}` in\n{text}");
+        }
+        assert!(text.contains(&format!("egressd_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))));
+    }
+
+    #[test]
+    fn decisions_are_counted_by_kind() {
+        let m = Metrics::new();
+        event(Kind::Http, Action::Deny, Reason::Default, "default").count(&m);
+        event(Kind::Connect, Action::Allow, Reason::Rule, "org-web").count(&m);
+        event(Kind::Dns, Action::Deny, Reason::Tunneling, "org-web").count(&m);
+        assert_eq!(m.proxy_requests.with_label_values(&["http", "deny", "default", "default"]).get(), 1);
+        assert_eq!(m.proxy_requests.with_label_values(&["connect", "allow", "rule", "org-web"]).get(), 1);
+        assert_eq!(m.dns_queries.with_label_values(&["deny", "tunneling", "org-web"]).get(), 1);
+        // DNS decisions carry no proxy bytes.
+        assert_eq!((m.proxy_bytes_upload.get(), m.proxy_bytes_download.get()), (20, 40));
+        assert!(!m.encode().contains("secret-host"), "host names never become label values");
+    }
+
+    #[test]
+    fn connection_guard_and_policy_gauges() {
+        let m = Metrics::new();
+        let g = m.track_connection(Kind::Transparent);
+        assert_eq!(m.proxy_active_connections.with_label_values(&["transparent"]).get(), 1);
+        drop(g);
+        assert_eq!(m.proxy_active_connections.with_label_values(&["transparent"]).get(), 0);
+        m.set_policy(7, 3, 1000, SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        let text = m.encode();
+        assert!(text.contains("egressd_config_generation 7"));
+        assert!(text.contains("egressd_policy_rules 3"));
+        assert!(text.contains("egressd_policy_names 1000"));
+        assert!(text.contains("egressd_config_last_reload_success_timestamp_seconds 1700000000"));
+        m.count_tunneling(TunnelingAction::Alert);
+        m.count_tunneling(TunnelingAction::Off);
+        assert_eq!((m.dns_tunneling_blocked.get(), m.dns_tunneling_alerted.get()), (0, 1));
     }
 }

@@ -124,6 +124,23 @@ pub struct SourceFile {
     pub path: PathBuf,
     pub kind: SourceKind,
     pub bytes: u64,
+    /// SHA-256 of the bytes read, lowercase hex: which version of the file is in force.
+    pub sha256: String,
+}
+
+/// Lowercase hex of a digest.
+pub(crate) fn hex(digest: &[u8]) -> String {
+    use std::fmt::Write as _;
+    digest.iter().fold(String::with_capacity(digest.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// SHA-256 of `data`, lowercase hex.
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex(&sha2::Sha256::digest(data))
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -277,8 +294,12 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         }
     };
     let config = validate::config(&src, raw, &mut diags);
-    let mut sources =
-        vec![SourceFile { path: path.to_path_buf(), kind: SourceKind::Main, bytes: src.text.len() as u64 }];
+    let mut sources = vec![SourceFile {
+        path: path.to_path_buf(),
+        kind: SourceKind::Main,
+        bytes: src.text.len() as u64,
+        sha256: sha256_hex(src.text.as_bytes()),
+    }];
     let Some(config) = config else {
         return Err(ConfigError(diags.0));
     };

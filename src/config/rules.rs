@@ -7,9 +7,11 @@ use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use sha2::{Digest as _, Sha256};
+
 use super::raw::{RawRule, RawRuleFile};
 use super::validate::Check;
-use super::{Config, Diagnostic, Diagnostics, Source, SourceFile, SourceKind, toml_diag};
+use super::{Config, Diagnostic, Diagnostics, Source, SourceFile, SourceKind, hex, sha256_hex, toml_diag};
 use crate::policy::guard::{CidrSet, Guard};
 use crate::policy::name::{Pattern, parse_pattern};
 use crate::policy::{Action, Origin, Policy, PolicyBuilder, Rule, RuleId, SharedNames};
@@ -67,7 +69,8 @@ pub(super) fn load_rules(config: &Config, diags: &mut Diagnostics) -> Option<Bui
                 continue;
             }
         };
-        sources.push(SourceFile { path: path.clone(), kind: SourceKind::Rules, bytes: text.len() as u64 });
+        let (bytes, sha256) = (text.len() as u64, sha256_hex(text.as_bytes()));
+        sources.push(SourceFile { path: path.clone(), kind: SourceKind::Rules, bytes, sha256 });
         let src = Source::new(path.clone(), text);
         let file: RawRuleFile = match toml::from_str(&src.text) {
             Ok(f) => f,
@@ -212,7 +215,7 @@ fn compile_rule(c: &mut Check<'_>, b: &mut PolicyBuilder, raw: RawRule, line: us
     for f in &hosts_files {
         let path = base.join(f.get_ref());
         match load_hosts_file(&path, b, id, c.diags) {
-            Ok(bytes) => sources.push(SourceFile { path, kind: SourceKind::Hosts, bytes }),
+            Ok((bytes, sha256)) => sources.push(SourceFile { path, kind: SourceKind::Hosts, bytes, sha256 }),
             Err(e) => c.err(f.span(), "rule.hosts_files", format!("`{}`: {e}", path.display())),
         }
     }
@@ -242,12 +245,18 @@ fn parse_hosts_line(line: &str) -> Result<Vec<Pattern>, String> {
 }
 
 /// Streams a hosts file into the builder. Line errors are reported as diagnostics against the
-/// file; an unreadable file is the caller's error.
-fn load_hosts_file(path: &Path, b: &mut PolicyBuilder, id: RuleId, diags: &mut Diagnostics) -> Result<u64, String> {
+/// file; an unreadable file is the caller's error. Returns the bytes read and their SHA-256.
+fn load_hosts_file(
+    path: &Path,
+    b: &mut PolicyBuilder,
+    id: RuleId,
+    diags: &mut Diagnostics,
+) -> Result<(u64, String), String> {
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read hosts file: {e}"))?;
     let mut reader = BufReader::with_capacity(1 << 16, file);
     let mut line = String::new();
     let (mut n, mut bytes, mut errors) = (0usize, 0u64, 0usize);
+    let mut hasher = Sha256::new();
     loop {
         line.clear();
         let read = match reader.read_line(&mut line) {
@@ -267,6 +276,7 @@ fn load_hosts_file(path: &Path, b: &mut PolicyBuilder, id: RuleId, diags: &mut D
         }
         n += 1;
         bytes += read as u64;
+        hasher.update(line.as_bytes());
         match parse_hosts_line(&line) {
             Ok(patterns) => patterns.iter().for_each(|p| b.add_pattern(id, p)),
             Err(e) => {
@@ -286,7 +296,7 @@ fn load_hosts_file(path: &Path, b: &mut PolicyBuilder, id: RuleId, diags: &mut D
             message: format!("{more} more bad lines"),
         });
     }
-    Ok(bytes)
+    Ok((bytes, hex(&hasher.finalize())))
 }
 
 #[cfg(test)]

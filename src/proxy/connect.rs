@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use super::relay::{RelayEnd, relay};
 use super::respond::{self, status_for};
@@ -130,6 +131,7 @@ pub(super) async fn handle(
             );
         }
     };
+    let registration = proxy.tunnels.register(host.clone(), port, conn.client);
     let tunnel = Tunnel { id, client: conn.client, host, port, decision, rule, upstream_ip: Some(ip), started };
     let on_upgrade = hyper::upgrade::on(req);
     let limit = policy.limits(&decision).max_upload_bytes;
@@ -138,6 +140,7 @@ pub(super) async fn handle(
     tokio::spawn(async move {
         // Holding `conn` keeps its connection-limit permit for the tunnel's life.
         let _conn = conn;
+        let _active = crate::telemetry::metrics().track_connection(crate::telemetry::Kind::Connect);
         let client = match on_upgrade.await {
             Ok(u) => TokioIo::new(u),
             Err(e) => {
@@ -146,7 +149,8 @@ pub(super) async fn handle(
                 return;
             }
         };
-        run_tunnel(tunnel, client, upstream, header_timeout, idle, limit, require_sni, non_tls_ok).await;
+        let limits = TunnelLimits { header_timeout, idle, upload: limit, require_sni, non_tls_ok };
+        run_tunnel(tunnel, client, upstream, limits, &registration.cancel).await;
     });
     let mut resp = Response::new(respond::empty());
     *resp.status_mut() = StatusCode::OK;
@@ -188,19 +192,20 @@ fn sni_matches(host: &Host, sni: Option<&str>) -> bool {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_tunnel<C>(
-    tunnel: Tunnel,
-    mut client: C,
-    mut upstream: TcpStream,
+/// The settings a tunnel runs under, taken from the snapshot it was decided with.
+struct TunnelLimits {
     header_timeout: std::time::Duration,
     idle: std::time::Duration,
-    limit: Option<u64>,
+    upload: Option<u64>,
     require_sni: bool,
     non_tls_ok: bool,
-) where
+}
+
+async fn run_tunnel<C>(tunnel: Tunnel, mut client: C, mut upstream: TcpStream, limits: TunnelLimits, cancel: &Notify)
+where
     C: AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let TunnelLimits { header_timeout, idle, upload: limit, require_sni, non_tls_ok } = limits;
     let mut buf = Vec::with_capacity(2048);
     let opening = tokio::time::timeout(header_timeout, read_opening(&mut client, &mut buf)).await;
     let refused = match opening {
@@ -226,9 +231,10 @@ async fn run_tunnel<C>(
         tunnel.emit(tunnel.decision.denied_for(Reason::Upstream), 0, 0);
         return;
     }
-    let out = relay(client, upstream, replayed, limit, idle).await;
+    let out = relay(client, upstream, replayed, limit, idle, cancel).await;
     let decision = match out.end {
         RelayEnd::UploadLimit => tunnel.decision.denied_for(Reason::UploadLimit),
+        RelayEnd::Revoked => tunnel.decision.denied_for(Reason::Revoked),
         _ => tunnel.decision,
     };
     tunnel.emit(decision, out.up, out.down);

@@ -260,16 +260,20 @@ pub(super) async fn handle(
         let idle = cfg.idle_timeout;
         let upload_cap = upload_left;
         let audit_conn = conn.clone();
+        let registration = proxy.tunnels.register(host.clone(), port, conn.client);
         tokio::spawn(async move {
             let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) else {
                 audit.emit(0);
                 return;
             };
-            let out = super::relay::relay(TokioIo::new(client), TokioIo::new(upstream), 0, upload_cap, idle).await;
+            let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            let out = super::relay::relay(client, upstream, 0, upload_cap, idle, &registration.cancel).await;
             audit_conn.uploaded.fetch_add(out.up, Ordering::Relaxed);
             audit.bytes_up += out.up;
-            if out.end == super::relay::RelayEnd::UploadLimit {
-                audit.decision = audit.decision.denied_for(Reason::UploadLimit);
+            match out.end {
+                super::relay::RelayEnd::UploadLimit => audit.decision = audit.decision.denied_for(Reason::UploadLimit),
+                super::relay::RelayEnd::Revoked => audit.decision = audit.decision.denied_for(Reason::Revoked),
+                _ => {}
             }
             audit.emit(out.down);
         });

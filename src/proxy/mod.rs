@@ -11,6 +11,7 @@ pub mod pool;
 pub mod relay;
 pub mod respond;
 pub mod sni;
+pub mod tunnels;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -26,7 +27,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::resolve::Resolver;
 use crate::state::State;
@@ -41,7 +42,11 @@ pub struct Proxy {
     pub state: Arc<State>,
     pub resolver: Arc<Resolver>,
     pub pool: pool::Pool,
+    pub tunnels: Arc<tunnels::Tunnels>,
     limit: Arc<Semaphore>,
+    max_connections: usize,
+    /// Flips to true when the process starts draining: idle keep-alive connections close.
+    draining: watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -50,7 +55,27 @@ impl Proxy {
         let cfg = &snap.config.proxy;
         let pool = pool::Pool::new(cfg.idle_timeout.min(Duration::from_secs(90)));
         let limit = Arc::new(Semaphore::new(cfg.max_connections));
-        Arc::new(Self { state, resolver, pool, limit })
+        let (draining, _) = watch::channel(false);
+        Arc::new(Self {
+            state,
+            resolver,
+            pool,
+            tunnels: Arc::default(),
+            limit,
+            max_connections: cfg.max_connections,
+            draining,
+        })
+    }
+
+    /// Client connections open now (including tunnels).
+    pub fn active_connections(&self) -> usize {
+        self.max_connections.saturating_sub(self.limit.available_permits())
+    }
+
+    /// Starts draining: idle keep-alive connections are closed, in-flight requests and tunnels
+    /// go on.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
     }
 }
 
@@ -85,6 +110,7 @@ async fn serve_conn(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, perm
     let snap = proxy.state.snapshot();
     let cfg = snap.config.proxy.clone();
     drop(snap);
+    let _active = crate::telemetry::metrics().track_connection(crate::telemetry::Kind::Http);
     let conn = Arc::new(Conn { client: peer.ip(), uploaded: AtomicU64::new(0), _permit: permit });
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Tracked { inner: stream, activity: activity.clone() });
@@ -111,11 +137,22 @@ async fn serve_conn(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, perm
     let served = builder.serve_connection(io, svc).with_upgrades();
     tokio::pin!(served);
     let tick = (cfg.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut draining = proxy.draining.subscribe();
+    let mut shutting_down = *draining.borrow();
+    if shutting_down {
+        served.as_mut().graceful_shutdown();
+    }
     loop {
         tokio::select! {
             _ = &mut served => break,
             _ = tokio::time::sleep(tick) => {
                 if activity.idle_for() >= cfg.idle_timeout {
+                    served.as_mut().graceful_shutdown();
+                }
+            }
+            changed = draining.changed(), if !shutting_down => {
+                shutting_down = true;
+                if changed.is_ok() {
                     served.as_mut().graceful_shutdown();
                 }
             }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
 
 /// Why a relay ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,6 +19,8 @@ pub enum RelayEnd {
     Idle,
     /// A read or write failed (reset, broken pipe).
     Error,
+    /// A reload's policy denies the destination (`revoke_on_reload`), or the process is stopping.
+    Revoked,
 }
 
 /// Byte counts and how the relay ended.
@@ -87,9 +90,17 @@ where
     }
 }
 
-/// Relays until both directions close, the cap is hit, the tunnel idles out, or an error.
-/// `already_up` counts client bytes forwarded before the relay (a replayed ClientHello).
-pub async fn relay<C, U>(client: C, upstream: U, already_up: u64, cap: Option<u64>, idle: Duration) -> RelayOutcome
+/// Relays until both directions close, the cap is hit, the tunnel idles out, an error, or
+/// `cancel` is notified. `already_up` counts client bytes forwarded before the relay (a
+/// replayed ClientHello).
+pub async fn relay<C, U>(
+    client: C,
+    upstream: U,
+    already_up: u64,
+    cap: Option<u64>,
+    idle: Duration,
+    cancel: &Notify,
+) -> RelayOutcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -111,6 +122,7 @@ where
         let finished = tokio::select! {
             e = &mut up, if !up_done => { up_done = true; e }
             e = &mut down, if !down_done => { down_done = true; e }
+            _ = cancel.notified() => RelayEnd::Revoked,
         };
         if finished != RelayEnd::Closed {
             end = finished;
@@ -129,7 +141,8 @@ mod tests {
     async fn relays_both_ways_and_counts() {
         let (client, mut client_peer) = duplex(1024);
         let (upstream, mut upstream_peer) = duplex(1024);
-        let task = tokio::spawn(relay(client, upstream, 0, None, Duration::from_secs(5)));
+        let task =
+            tokio::spawn(async move { relay(client, upstream, 0, None, Duration::from_secs(5), &Notify::new()).await });
         client_peer.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
         upstream_peer.read_exact(&mut buf).await.unwrap();
@@ -147,7 +160,9 @@ mod tests {
     async fn cap_stops_before_forwarding_excess() {
         let (client, mut client_peer) = duplex(1 << 16);
         let (upstream, mut upstream_peer) = duplex(1 << 16);
-        let task = tokio::spawn(relay(client, upstream, 10, Some(100), Duration::from_secs(5)));
+        let task = tokio::spawn(async move {
+            relay(client, upstream, 10, Some(100), Duration::from_secs(5), &Notify::new()).await
+        });
         client_peer.write_all(&[1u8; 50]).await.unwrap();
         let mut got = vec![0u8; 50];
         upstream_peer.read_exact(&mut got).await.unwrap();
@@ -165,7 +180,17 @@ mod tests {
     async fn idle_tunnel_closes() {
         let (client, _client_peer) = duplex(1024);
         let (upstream, _upstream_peer) = duplex(1024);
-        let out = relay(client, upstream, 0, None, Duration::from_millis(200)).await;
+        let out = relay(client, upstream, 0, None, Duration::from_millis(200), &Notify::new()).await;
         assert_eq!(out.end, RelayEnd::Idle);
+    }
+
+    #[tokio::test]
+    async fn cancel_ends_the_relay() {
+        let (client, _client_peer) = duplex(1024);
+        let (upstream, _upstream_peer) = duplex(1024);
+        let cancel = Notify::new();
+        cancel.notify_one();
+        let out = relay(client, upstream, 0, None, Duration::from_secs(5), &cancel).await;
+        assert_eq!(out.end, RelayEnd::Revoked);
     }
 }

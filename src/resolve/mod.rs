@@ -8,16 +8,22 @@
 //! answer, so an upstream cannot slip in addresses for unrelated owners. IPv4 addresses come
 //! first, then IPv6, each in upstream order.
 
+pub mod cache;
 pub mod upstream;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use arc_swap::ArcSwap;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name as DnsName, RData, RecordType};
 
 use crate::policy::name::Name;
 
+pub use cache::{Cache, CacheKey};
 pub use upstream::{DNS_PORT, EDNS_UDP_PAYLOAD, RESOLV_CONF, UpstreamError, Upstreams};
 
 /// Most CNAME links followed from the queried name within one answer.
@@ -37,8 +43,9 @@ pub enum ResolveError {
 /// `[hosts]` plus the upstreams. Share it behind an `Arc`.
 #[derive(Debug)]
 pub struct Resolver {
-    hosts: HashMap<Name, Vec<IpAddr>>,
+    hosts: ArcSwap<HashMap<Name, Arc<[IpAddr]>>>,
     upstreams: Upstreams,
+    cache: Cache,
 }
 
 /// What one A or AAAA query established.
@@ -53,11 +60,51 @@ impl Resolver {
     /// `hosts` is the `[hosts]` table: checked first, answered without any upstream query. If a
     /// name appears twice, the first entry wins.
     pub fn new(hosts: Vec<(Name, Vec<IpAddr>)>, upstreams: Upstreams) -> Self {
-        let mut table = HashMap::with_capacity(hosts.len());
-        for (name, addrs) in hosts {
-            table.entry(name).or_insert(addrs);
-        }
-        Resolver { hosts: table, upstreams }
+        Self::with_cache(hosts, upstreams, Cache::new(0, std::time::Duration::ZERO))
+    }
+
+    /// As [`Resolver::new`], with the answer cache shared by the proxy and the DNS firewall.
+    pub fn with_cache(hosts: Vec<(Name, Vec<IpAddr>)>, upstreams: Upstreams, cache: Cache) -> Self {
+        Resolver { hosts: ArcSwap::from_pointee(hosts_table(hosts)), upstreams, cache }
+    }
+
+    /// Replaces the `[hosts]` table (on reload).
+    pub fn set_hosts(&self, hosts: Vec<(Name, Vec<IpAddr>)>) {
+        self.hosts.store(Arc::new(hosts_table(hosts)));
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// One query for `name`/`qtype` through the cache: concurrent misses for the same key
+    /// coalesce into one upstream exchange. Returns the response (id 0, no OPT) and whether it
+    /// came without an exchange of this caller's own.
+    pub async fn query(
+        &self,
+        name: &Name,
+        qtype: RecordType,
+        dnssec_ok: bool,
+    ) -> Result<(Message, bool), UpstreamError> {
+        let qname = dns_name(name)?;
+        let key = CacheKey::new(&qname, qtype, dnssec_ok);
+        self.cache
+            .get_or_fetch(key, Instant::now(), || async {
+                let mut message = Message::new(0, MessageType::Query, OpCode::Query);
+                message.metadata.recursion_desired = true;
+                message.add_query(Query::query(qname.clone(), qtype));
+                if dnssec_ok {
+                    let mut edns = Edns::new();
+                    edns.set_max_payload(EDNS_UDP_PAYLOAD);
+                    edns.set_dnssec_ok(true);
+                    message.set_edns(edns);
+                }
+                let started = Instant::now();
+                let result = self.upstreams.exchange(&message).await;
+                crate::telemetry::metrics().dns_upstream_seconds.observe(started.elapsed().as_secs_f64());
+                result
+            })
+            .await
     }
 
     /// The upstreams behind this resolver (for `describe()` and, later, the DNS listener).
@@ -66,8 +113,8 @@ impl Resolver {
     }
 
     /// The `[hosts]` entry for `name`, if any.
-    pub fn static_hosts(&self, name: &Name) -> Option<&[IpAddr]> {
-        self.hosts.get(name).map(Vec::as_slice)
+    pub fn static_hosts(&self, name: &Name) -> Option<Arc<[IpAddr]>> {
+        self.hosts.load().get(name).cloned()
     }
 
     /// Addresses for `name`: from `[hosts]` if listed there; otherwise A and AAAA are queried
@@ -81,15 +128,15 @@ impl Resolver {
             return if addrs.is_empty() { Err(ResolveError::NotFound) } else { Ok(addrs.to_vec()) };
         }
         let qname = dns_name(name)?;
-        let (v4, v6) = tokio::join!(self.query(&qname, RecordType::A), self.query(&qname, RecordType::AAAA));
+        let (v4, v6) = tokio::join!(
+            self.lookup_type(name, &qname, RecordType::A),
+            self.lookup_type(name, &qname, RecordType::AAAA)
+        );
         combine(v4, v6)
     }
 
-    async fn query(&self, qname: &DnsName, rtype: RecordType) -> Result<Outcome, UpstreamError> {
-        let mut message = Message::new(0, MessageType::Query, OpCode::Query);
-        message.metadata.recursion_desired = true;
-        message.add_query(Query::query(qname.clone(), rtype));
-        let response = self.upstreams.exchange(&message).await?;
+    async fn lookup_type(&self, name: &Name, qname: &DnsName, rtype: RecordType) -> Result<Outcome, UpstreamError> {
+        let (response, _) = self.query(name, rtype, false).await?;
         match response.response_code {
             ResponseCode::NoError => {
                 let addrs = answer_addresses(&response, qname, rtype);
@@ -99,6 +146,15 @@ impl Resolver {
             other => Err(UpstreamError::Rcode(other)),
         }
     }
+}
+
+/// The `[hosts]` table; if a name appears twice, the first entry wins.
+fn hosts_table(hosts: Vec<(Name, Vec<IpAddr>)>) -> HashMap<Name, Arc<[IpAddr]>> {
+    let mut table = HashMap::with_capacity(hosts.len());
+    for (name, addrs) in hosts {
+        table.entry(name).or_insert_with(|| Arc::from(addrs));
+    }
+    table
 }
 
 /// The A and AAAA outcomes as one result (see [`Resolver::lookup_ip`]).
@@ -223,7 +279,7 @@ mod tests {
             (n("empty.example"), vec![]),
         ];
         let r = resolver(&server, hosts, T);
-        assert_eq!(r.static_hosts(&n("internal.example")), Some(&[IpAddr::V4(V4A), IpAddr::V6(V6A)][..]));
+        assert_eq!(r.static_hosts(&n("internal.example")).as_deref(), Some(&[IpAddr::V4(V4A), IpAddr::V6(V6A)][..]));
         assert_eq!(r.static_hosts(&n("other.example")), None);
         let addrs = r.lookup_ip(&n("Internal.Example.")).await.expect("hosts entry");
         assert_eq!(addrs, vec![IpAddr::V4(V4A), IpAddr::V6(V6A)]);

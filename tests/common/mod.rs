@@ -59,6 +59,10 @@ pub struct Egressd {
     child: Child,
     /// The first bound explicit-proxy address.
     pub proxy: SocketAddr,
+    /// The first bound DNS address (UDP and TCP share it), from the start line's `dns_listen`.
+    pub dns: Option<SocketAddr>,
+    /// The admin listener, from the start line's `admin_listen`.
+    pub admin: Option<SocketAddr>,
     /// Every stdout line that parsed as JSON, in order.
     lines: Arc<Mutex<Vec<Value>>>,
     /// Every stdout and stderr line as text (for failure dumps).
@@ -75,6 +79,16 @@ pub struct Opts<'a> {
     pub proxy_extra: &'a str,
     /// Extra `[hosts]` entries.
     pub hosts: &'a [(&'a str, &'a str)],
+    /// `dns.upstreams`; empty: the default `["127.0.0.1:9"]` (nothing answers there).
+    pub dns_upstreams: &'a [SocketAddr],
+    /// Extra lines appended to the `[dns]` table; may end with a `[dns.tunneling]` table.
+    pub dns_extra: &'a str,
+    /// Leave out [`HOSTS`] (only `hosts` is written to `[hosts]`).
+    pub no_default_hosts: bool,
+    /// Extra lines appended to the `[admin]` table (e.g. `shutdown_grace = "3s"`).
+    pub admin_extra: &'a str,
+    /// Extra lines appended to the `[policy]` table (e.g. `revoke_on_reload = false`).
+    pub policy_extra: &'a str,
 }
 
 fn free_port() -> u16 {
@@ -109,9 +123,15 @@ impl Egressd {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("rules")).unwrap();
         let mut hosts = String::new();
-        for (name, ip) in HOSTS.iter().chain(opts.hosts.iter()) {
+        let defaults: &[(&str, &str)] = if opts.no_default_hosts { &[] } else { HOSTS };
+        for (name, ip) in defaults.iter().chain(opts.hosts.iter()) {
             hosts.push_str(&format!("\"{name}\" = [\"{ip}\"]\n"));
         }
+        let upstreams = if opts.dns_upstreams.is_empty() {
+            "\"127.0.0.1:9\"".to_string()
+        } else {
+            opts.dns_upstreams.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ")
+        };
         let main = format!(
             r#"[proxy]
 listen = ["127.0.0.1:{proxy_port}"]
@@ -121,20 +141,26 @@ header_timeout = "1s"
 
 [dns]
 listen = ["127.0.0.1:{dns_port}"]
-upstreams = ["127.0.0.1:9"]
+upstreams = [{upstreams}]
+{dns_extra}
 
 [admin]
 listen = "127.0.0.1:{admin_port}"
+{admin_extra}
 
 [guard]
 allow_cidrs = ["127.0.0.0/8"]
 
 [policy]
 files = ["rules/*.toml"]
+{policy_extra}
 
 [hosts]
 {hosts}"#,
-            proxy_extra = opts.proxy_extra
+            proxy_extra = opts.proxy_extra,
+            dns_extra = opts.dns_extra,
+            admin_extra = opts.admin_extra,
+            policy_extra = opts.policy_extra,
         );
         std::fs::write(dir.path().join("egressd.toml"), main).unwrap();
         std::fs::write(dir.path().join("rules/test.toml"), opts.rules).unwrap();
@@ -176,7 +202,7 @@ files = ["rules/*.toml"]
             });
         }
 
-        let mut e = Egressd { child, proxy: "127.0.0.1:1".parse().unwrap(), lines, raw, dir };
+        let mut e = Egressd { child, proxy: "127.0.0.1:1".parse().unwrap(), dns: None, admin: None, lines, raw, dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let start = e.lines.lock().unwrap().iter().find(|v| v["event"] == "start").cloned();
@@ -188,6 +214,19 @@ files = ["rules/*.toml"]
                     None if proxy_port != 0 => SocketAddr::from(([127, 0, 0, 1], proxy_port)),
                     None => panic!("start line without a usable proxy_listen: {start}"),
                 };
+                let dns_listed = start["dns_listen"].as_str().unwrap_or_default();
+                e.dns = dns_listed
+                    .split(',')
+                    .filter_map(|s| s.trim().parse::<SocketAddr>().ok())
+                    .next()
+                    .or_else(|| (dns_port != 0).then(|| SocketAddr::from(([127, 0, 0, 1], dns_port))));
+                e.admin = start["admin_listen"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter_map(|s| s.trim().parse::<SocketAddr>().ok())
+                    .next()
+                    .or_else(|| (admin_port != 0).then(|| SocketAddr::from(([127, 0, 0, 1], admin_port))));
                 return Ok(e);
             }
             if let Ok(Some(status)) = e.child.try_wait() {
@@ -199,6 +238,93 @@ files = ["rules/*.toml"]
                 panic!("no {{\"event\":\"start\"}} line within 10 s; output:\n{}", e.dump());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The DNS listener (UDP and TCP); panics when the start line named none.
+    pub fn dns_addr(&self) -> SocketAddr {
+        match self.dns {
+            Some(a) => a,
+            None => panic!("egressd's start line has no usable dns_listen; output:\n{}", self.dump()),
+        }
+    }
+
+    /// The admin listener; panics when the start line named none.
+    pub fn admin_addr(&self) -> SocketAddr {
+        match self.admin {
+            Some(a) => a,
+            None => panic!("egressd's start line has no usable admin_listen; output:\n{}", self.dump()),
+        }
+    }
+
+    /// `GET path` on the admin listener (fresh connection, `Connection: close`).
+    pub async fn admin_get(&self, path: &str) -> std::io::Result<Resp> {
+        admin_get(self.admin_addr(), path).await
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`"HUP"`, `"TERM"`, ...) with `kill(1)`.
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("run kill(1)");
+        assert!(st.success(), "kill -{sig} {} failed: {st}", self.pid());
+    }
+
+    /// The exit status if the process has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// How many JSON lines have been read so far.
+    pub fn line_count(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+
+    /// The JSON lines from index `from` on that match `pred` (no copy of the rest).
+    pub fn lines_from(&self, from: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let lines = self.lines.lock().unwrap();
+        lines.iter().skip(from).filter(|v| pred(v)).cloned().collect()
+    }
+
+    /// Waits up to `timeout` for a line at index `from` or later matching `pred`; returns its
+    /// index and the line.
+    pub async fn wait_for_log_from(
+        &self,
+        from: usize,
+        pred: impl Fn(&Value) -> bool,
+        timeout: Duration,
+    ) -> Option<(usize, Value)> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = from;
+        loop {
+            {
+                let lines = self.lines.lock().unwrap();
+                if let Some(i) = (seen..lines.len()).find(|&i| pred(&lines[i])) {
+                    return Some((i, lines[i].clone()));
+                }
+                seen = seen.max(lines.len());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -347,6 +473,13 @@ impl HttpOrigin {
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                         let reqs = reqs.clone();
+                        // `/delay/<ms>...`: answer only after <ms> milliseconds (a slow origin).
+                        let delay = req
+                            .uri()
+                            .path()
+                            .strip_prefix("/delay/")
+                            .and_then(|rest| rest.split('/').next())
+                            .and_then(|ms| ms.parse::<u64>().ok());
                         async move {
                             let idx = {
                                 let mut r = reqs.lock().unwrap();
@@ -380,6 +513,9 @@ impl HttpOrigin {
                                 }
                             }
                             reqs.lock().unwrap()[idx].complete = ok;
+                            if let Some(ms) = delay {
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
                             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(ORIGIN_BODY.as_bytes()))))
                         }
                     });
@@ -765,4 +901,12 @@ pub async fn read_until_closed<S: AsyncRead + Unpin>(s: &mut S) -> (Vec<u8>, Opt
             Err(e) => return (out, Some(e)),
         }
     }
+}
+
+/// `GET path` on an admin listener over a fresh connection with `Connection: close`.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> std::io::Result<Resp> {
+    let mut s = TcpStream::connect(addr).await?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    read_response(&mut s, false).await
 }
