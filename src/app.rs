@@ -63,6 +63,8 @@ pub async fn run(path: &Path) -> Result<(), AppError> {
     let cache = Cache::new(cfg.dns.cache_entries, cfg.dns.max_ttl);
     let resolver = Arc::new(Resolver::with_cache(cfg.hosts.clone(), upstreams, cache));
     let proxy_listeners = bind_all(&cfg.proxy.listen).await?;
+    let transparent_tls = bind_all(&cfg.proxy.transparent_tls).await?;
+    let transparent_http = bind_all(&cfg.proxy.transparent_http).await?;
     let mut dns_listeners = Vec::with_capacity(cfg.dns.listen.len());
     for &addr in &cfg.dns.listen {
         dns_listeners.push(dns::bind(addr).await.map_err(|source| AppError::Bind { addr, source })?);
@@ -85,8 +87,15 @@ pub async fn run(path: &Path) -> Result<(), AppError> {
     if let Some(l) = admin_listener {
         background.push(tokio::spawn(admin::serve(l, state.clone(), readiness.clone(), pac_proxy)));
     }
+    let transparent_addrs = format!("{},{}", addr_list(&transparent_tls), addr_list(&transparent_http));
     for l in proxy_listeners {
         listeners.push(tokio::spawn(proxy::serve(proxy.clone(), l)));
+    }
+    for l in transparent_tls {
+        listeners.push(tokio::spawn(proxy::transparent::serve_tls(proxy.clone(), l)));
+    }
+    for l in transparent_http {
+        listeners.push(tokio::spawn(proxy::transparent::serve_http(proxy.clone(), l)));
     }
     for l in dns_listeners {
         listeners.push(tokio::spawn(dns::serve_udp(firewall.clone(), l.udp)));
@@ -107,6 +116,7 @@ pub async fn run(path: &Path) -> Result<(), AppError> {
         config = %path.display(),
         proxy_listen = %proxy_addrs,
         dns_listen = %dns_addrs.join(","),
+        transparent_listen = %transparent_addrs.trim_matches(','),
         admin_listen = admin_addr.as_deref().unwrap_or(""),
         rules = snap.policy.rules().len(),
         names = snap.policy.names().len(),

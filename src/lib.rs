@@ -11,6 +11,9 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod dns;
+/// Property checks shared by the cargo-fuzz targets (`fuzz/`) and `tests/fuzz_corpora.rs`.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

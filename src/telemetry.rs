@@ -108,6 +108,9 @@ impl DecisionEvent<'_> {
         m.proxy_requests.with_label_values(&[self.kind.as_str(), action, reason, self.rule]).inc();
         m.proxy_bytes_upload.inc_by(self.bytes_up);
         m.proxy_bytes_download.inc_by(self.bytes_down);
+        if self.bytes_up > 0 {
+            m.proxy_rule_upload_bytes.with_label_values(&[self.rule]).inc_by(self.bytes_up);
+        }
     }
 
     fn log(&self) {
@@ -149,6 +152,8 @@ pub struct Metrics {
     pub proxy_active_connections: IntGaugeVec,
     /// `egressd_proxy_bytes_total{direction="upload"}`.
     pub proxy_bytes_upload: IntCounter,
+    /// egressd_proxy_rule_upload_bytes_total{rule} (extension): client-to-server bytes per deciding rule.
+    pub proxy_rule_upload_bytes: IntCounterVec,
     /// `egressd_proxy_bytes_total{direction="download"}`.
     pub proxy_bytes_download: IntCounter,
     /// `egressd_proxy_upstream_connect_seconds`.
@@ -233,6 +238,11 @@ impl Metrics {
             "Bytes relayed by the proxy: upload is client to server, download server to client.",
             &["direction"],
         );
+        let proxy_rule_upload_bytes = counter_vec(
+            "egressd_proxy_rule_upload_bytes_total",
+            "Client-to-server bytes by the rule that allowed the flow (exfiltration budgets).",
+            &["rule"],
+        );
         let dns_queries = counter_vec(
             "egressd_dns_queries_total",
             "DNS firewall decisions by action, reason and rule.",
@@ -264,6 +274,7 @@ impl Metrics {
             proxy_active_connections,
             proxy_bytes_upload: bytes.with_label_values(&["upload"]),
             proxy_bytes_download: bytes.with_label_values(&["download"]),
+            proxy_rule_upload_bytes,
             proxy_upstream_connect_seconds: histogram(
                 "egressd_proxy_upstream_connect_seconds",
                 "Time to open the TCP connection to the upstream (resolution excluded).",

@@ -17,7 +17,7 @@ use hickory_proto::rr::{DNSClass, Name as DnsName, RData, Record, RecordType};
 
 use super::tunneling::Detector;
 use crate::config::{BlockedResponse, TunnelingAction, qtype_name};
-use crate::policy::name::{Host, Name, normalize_name, wire_label_ok};
+use crate::policy::name::{Host, Name, NameError, normalize_name, wire_label_ok};
 use crate::policy::{Action, Decision, Facts, Policy, Reason, Surface};
 use crate::resolve::Resolver;
 use crate::state::{Snapshot, State};
@@ -61,28 +61,13 @@ impl Firewall {
     /// Answers one DNS message; `None` means no reply (not a query, or too broken to answer).
     pub async fn handle(&self, packet: &[u8], client: IpAddr, transport: Transport) -> Option<Vec<u8>> {
         let started = Instant::now();
-        let Ok(query) = Message::from_vec(packet) else {
-            return formerr_from_header(packet);
+        let (query, limit, raw_name, name) = match check_query(packet, transport) {
+            Precheck::Reply(reply) => return reply,
+            Precheck::Query { query, limit, raw_name, name } => (query, limit, raw_name, name),
         };
-        if query.metadata.message_type != MessageType::Query {
-            return None;
-        }
-        let limit = match transport {
-            Transport::Tcp => usize::from(u16::MAX),
-            Transport::Udp => {
-                query.edns.as_ref().map_or(PLAIN_UDP, |e| usize::from(e.max_payload()).clamp(PLAIN_UDP, MAX_UDP))
-            }
-        };
-        if let Some(code) = wire_error(&query) {
-            let mut resp = base_response(&query);
-            resp.metadata.response_code = code;
-            return encode(resp, limit);
-        }
         let snap = self.state.snapshot();
-        let q = &query.queries[0];
-        let raw_name = q.name().to_ascii();
-        let qtype = qtype_name(u16::from(q.query_type()));
-        let (outcome, logged_name) = match normalize_name(raw_name.trim_end_matches('.')) {
+        let qtype = qtype_name(u16::from(query.queries[0].query_type()));
+        let (outcome, logged_name) = match name {
             Err(_) => (blocked(&snap, &query, Decision::MALFORMED, "default", EDE_BLOCKED), raw_name.clone()),
             Ok(name) => (self.decide_and_answer(&snap, &query, &name, client).await, name.to_string()),
         };
@@ -171,6 +156,43 @@ impl Firewall {
     }
 }
 
+/// The outcome of the pure first stage of [`Firewall::handle`].
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum Precheck {
+    /// Answer with these bytes (FORMERR, NOTIMP, REFUSED), or send nothing (`None`).
+    Reply(Option<Vec<u8>>),
+    /// A single-question query that passed the wire checks; answers must fit in `limit` bytes.
+    /// `name` is the question's name normalised (an error is answered as malformed).
+    Query { query: Message, limit: usize, raw_name: String, name: Result<Name, NameError> },
+}
+
+/// The part of [`Firewall::handle`] that needs no state: parse, drop what is not a query,
+/// answer wire-format errors, and normalise the question's name. Public for the fuzzers.
+#[doc(hidden)]
+pub fn check_query(packet: &[u8], transport: Transport) -> Precheck {
+    let Ok(query) = Message::from_vec(packet) else {
+        return Precheck::Reply(formerr_from_header(packet));
+    };
+    if query.metadata.message_type != MessageType::Query {
+        return Precheck::Reply(None);
+    }
+    let limit = match transport {
+        Transport::Tcp => usize::from(u16::MAX),
+        Transport::Udp => {
+            query.edns.as_ref().map_or(PLAIN_UDP, |e| usize::from(e.max_payload()).clamp(PLAIN_UDP, MAX_UDP))
+        }
+    };
+    if let Some(code) = wire_error(&query) {
+        let mut resp = base_response(&query);
+        resp.metadata.response_code = code;
+        return Precheck::Reply(encode(resp, limit));
+    }
+    let raw_name = query.queries[0].name().to_ascii();
+    let name = normalize_name(raw_name.trim_end_matches('.'));
+    Precheck::Query { query, limit, raw_name, name }
+}
+
 /// The wire-form checks that come before any name handling.
 fn wire_error(query: &Message) -> Option<ResponseCode> {
     if query.metadata.op_code != OpCode::Query {
@@ -211,7 +233,7 @@ fn formerr_from_header(packet: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// A response skeleton: id, question, RD echoed, RA set, and EDNS when the client used it.
-fn base_response(query: &Message) -> Message {
+pub(crate) fn base_response(query: &Message) -> Message {
     let mut resp = Message::response(query.metadata.id, query.metadata.op_code);
     resp.metadata.recursion_desired = query.metadata.recursion_desired;
     resp.metadata.recursion_available = true;
@@ -272,7 +294,7 @@ fn static_answer(q: &Query, addrs: &[IpAddr]) -> Vec<Record> {
 }
 
 /// Copies the upstream's rcode and sections into our response, TTLs capped at `max_ttl`.
-fn copy_answer(resp: &mut Message, mut upstream: Message, max_ttl: Duration) {
+pub(crate) fn copy_answer(resp: &mut Message, mut upstream: Message, max_ttl: Duration) {
     let cap = u32::try_from(max_ttl.as_secs()).unwrap_or(u32::MAX);
     resp.metadata.response_code = upstream.metadata.response_code;
     resp.metadata.authentic_data = upstream.metadata.authentic_data;
@@ -302,7 +324,7 @@ fn answer_name(name: &DnsName) -> Option<Name> {
 /// `inspect_cnames`), and no address may fall in the guard's denied ranges. Returns the reason
 /// and, for a refused target name, the name of the rule (or `default`) that refused it; `None`
 /// when the answer may be returned.
-fn inspect(policy: &Policy, resp: &Message, client: IpAddr, inspect_cnames: bool) -> Option<(Reason, Option<String>)> {
+pub(crate) fn inspect(policy: &Policy, resp: &Message, client: IpAddr, inspect_cnames: bool) -> Option<(Reason, Option<String>)> {
     let allowed = |target: &DnsName| -> Result<(), String> {
         let Some(name) = answer_name(target) else { return Err("default".to_string()) };
         let host = Host::Name(name);
@@ -369,7 +391,7 @@ fn inspect_svcb(
 
 /// Encodes a response within `limit` bytes: additional records go first, then everything but
 /// the question, with TC set so the client retries over TCP.
-fn encode(mut resp: Message, limit: usize) -> Option<Vec<u8>> {
+pub(crate) fn encode(mut resp: Message, limit: usize) -> Option<Vec<u8>> {
     let wire = resp.to_vec().ok()?;
     if wire.len() <= limit {
         return Some(wire);

@@ -13,7 +13,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::relay::{RelayEnd, relay};
+use super::budget::Budgets;
+use super::relay::{RelayEnd, UploadLimits, relay};
 use super::respond::{self, status_for};
 use super::sni::{self, HelloError, Parse};
 use super::{Conn, Proxy, ProxyBody, dial};
@@ -116,6 +117,10 @@ pub(super) async fn handle(
     if decision.action == Action::Deny {
         return refuse(&id, conn.client, (&host_str, Some(port)), status_for(decision.reason), &rule, decision);
     }
+    if proxy.budgets.exhausted(conn.client, Instant::now()) {
+        let d = decision.denied_for(Reason::UploadBudget);
+        return refuse(&id, conn.client, (&host_str, Some(port)), status_for(d.reason), &rule, d);
+    }
     let cfg = &snap.config.proxy;
     let (upstream, ip) = match dial::dial(&proxy.resolver, policy.guard(), &host, port, cfg.connect_timeout).await {
         Ok(s) => s,
@@ -150,7 +155,7 @@ pub(super) async fn handle(
             }
         };
         let limits = TunnelLimits { header_timeout, idle, upload: limit, require_sni, non_tls_ok };
-        run_tunnel(tunnel, client, upstream, limits, &registration.cancel).await;
+        run_tunnel(tunnel, client, upstream, limits, &proxy.budgets, &registration.cancel).await;
     });
     let mut resp = Response::new(respond::empty());
     *resp.status_mut() = StatusCode::OK;
@@ -158,14 +163,14 @@ pub(super) async fn handle(
 }
 
 /// What the first client bytes of a tunnel turned out to be.
-enum Opening {
+pub(super) enum Opening {
     Hello(Option<String>),
     NotTls,
     Bad,
 }
 
 /// Reads until the buffered bytes hold a complete ClientHello, or show they are not one.
-async fn read_opening<R: AsyncRead + Unpin>(client: &mut R, buf: &mut Vec<u8>) -> Opening {
+pub(super) async fn read_opening<R: AsyncRead + Unpin>(client: &mut R, buf: &mut Vec<u8>) -> Opening {
     let mut chunk = [0u8; 4096];
     loop {
         match sni::parse(buf) {
@@ -201,8 +206,14 @@ struct TunnelLimits {
     non_tls_ok: bool,
 }
 
-async fn run_tunnel<C>(tunnel: Tunnel, mut client: C, mut upstream: TcpStream, limits: TunnelLimits, cancel: &Notify)
-where
+async fn run_tunnel<C>(
+    tunnel: Tunnel,
+    mut client: C,
+    mut upstream: TcpStream,
+    limits: TunnelLimits,
+    budgets: &Budgets,
+    cancel: &Notify,
+) where
     C: AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let TunnelLimits { header_timeout, idle, upload: limit, require_sni, non_tls_ok } = limits;
@@ -227,12 +238,18 @@ where
         tunnel.emit(tunnel.decision.denied_for(Reason::UploadLimit), 0, 0);
         return;
     }
+    if !budgets.try_spend(tunnel.client, replayed, Instant::now()) {
+        tunnel.emit(tunnel.decision.denied_for(Reason::UploadBudget), 0, 0);
+        return;
+    }
     if upstream.write_all(&buf).await.is_err() {
         tunnel.emit(tunnel.decision.denied_for(Reason::Upstream), 0, 0);
         return;
     }
-    let out = relay(client, upstream, replayed, limit, idle, cancel).await;
+    let upload = UploadLimits { cap: limit, budget: Some((budgets, tunnel.client)) };
+    let out = relay(client, upstream, replayed, upload, idle, cancel).await;
     let decision = match out.end {
+        RelayEnd::UploadBudget => tunnel.decision.denied_for(Reason::UploadBudget),
         RelayEnd::UploadLimit => tunnel.decision.denied_for(Reason::UploadLimit),
         RelayEnd::Revoked => tunnel.decision.denied_for(Reason::Revoked),
         _ => tunnel.decision,

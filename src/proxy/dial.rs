@@ -64,6 +64,13 @@ pub async fn checked_addrs(resolver: &Resolver, guard: &Guard, host: &Host) -> R
 
 /// Connects to the first address that accepts within `timeout` overall.
 pub async fn connect_any(addrs: &[IpAddr], port: u16, timeout: Duration) -> Result<(TcpStream, IpAddr), DialError> {
+    let started = Instant::now();
+    let result = connect_first(addrs, port, timeout).await;
+    crate::telemetry::metrics().proxy_upstream_connect_seconds.observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn connect_first(addrs: &[IpAddr], port: u16, timeout: Duration) -> Result<(TcpStream, IpAddr), DialError> {
     let deadline = Instant::now() + timeout;
     let mut last = None;
     for &ip in addrs {

@@ -31,8 +31,17 @@ use crate::telemetry::{DecisionEvent, Kind};
 #[error("request body exceeds the {0} limit")]
 pub struct BodyTooLarge(pub Reason);
 
+/// Where a request came from: the explicit proxy (absolute-form, routed by the URI) or a
+/// transparent listener (origin-form, decided on `Host`, sent to the original destination).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Mode {
+    Explicit,
+    Transparent { orig: std::net::SocketAddr },
+}
+
 /// Everything logged about one request, emitted once when the exchange ends.
 struct Audit {
+    kind: Kind,
     id: String,
     client: IpAddr,
     host: String,
@@ -48,7 +57,7 @@ impl Audit {
     fn emit(&self, bytes_down: u64) {
         DecisionEvent {
             id: &self.id,
-            kind: Kind::Http,
+            kind: self.kind,
             client: self.client,
             host: &self.host,
             port: Some(self.port),
@@ -117,7 +126,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> Option<H
 }
 
 /// The authority to send as `Host`: the normalised host, and the port when not 80.
-fn host_header(host: &Host, port: u16) -> String {
+pub(crate) fn host_header(host: &Host, port: u16) -> String {
     let h = match host {
         Host::Ip(IpAddr::V6(v6)) => format!("[{v6}]"),
         other => other.to_string(),
@@ -126,7 +135,7 @@ fn host_header(host: &Host, port: u16) -> String {
 }
 
 /// Request line + headers, approximately as they were on the wire.
-fn head_size<B>(req: &Request<B>) -> usize {
+pub(crate) fn head_size<B>(req: &Request<B>) -> usize {
     let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
     line + req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>()
 }
@@ -137,9 +146,11 @@ pub(super) async fn handle(
     snap: Arc<Snapshot>,
     id: String,
     mut req: Request<Incoming>,
+    mode: Mode,
 ) -> Response<ProxyBody> {
     let policy = &snap.policy;
     let mut audit = Audit {
+        kind: if matches!(mode, Mode::Explicit) { Kind::Http } else { Kind::Transparent },
         id,
         client: conn.client,
         host: String::new(),
@@ -158,7 +169,11 @@ pub(super) async fn handle(
         return audit.deny(Decision::MALFORMED, "default", StatusCode::BAD_REQUEST);
     }
     let uri = req.uri().clone();
-    let (host, port) = match target(&uri) {
+    let target = match mode {
+        Mode::Explicit => target(&uri),
+        Mode::Transparent { orig } => transparent_target(&req, orig),
+    };
+    let (host, port) = match target {
         Ok(t) => t,
         Err(status) => {
             audit.host = uri.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
@@ -196,6 +211,10 @@ pub(super) async fn handle(
         }
     }
 
+    let has_body = body_len.is_some_and(|n| n > 0) || req.headers().contains_key(header::TRANSFER_ENCODING);
+    if has_body && proxy.budgets.exhausted(conn.client, Instant::now()) {
+        return audit.deny(decision.denied_for(Reason::UploadBudget), &rule, StatusCode::FORBIDDEN);
+    }
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
     let upgrade = strip_hop_by_hop(&mut parts.headers, true);
@@ -210,17 +229,28 @@ pub(super) async fn handle(
     };
     parts.version = http::Version::HTTP_11;
     let limited =
-        LimitedBody { inner: body, conn: conn.clone(), sent: 0, body_limit: limits.max_request_body, upload_left };
+        LimitedBody { inner: body, conn: conn.clone(), proxy: proxy.clone(), sent: 0, body_limit: limits.max_request_body, upload_left };
     let outgoing = Request::from_parts(parts, limited.boxed());
 
     let key: PoolKey = (host.to_string(), port);
     let cfg = &snap.config.proxy;
-    let pooled = if upgrade.is_none() { proxy.pool.checkout(&key) } else { None };
+    let pooled = match mode {
+        Mode::Explicit if upgrade.is_none() => proxy.pool.checkout(&key),
+        _ => None,
+    };
     let (mut sender, ip) = match pooled {
         Some(p) => p,
         None => {
-            let (stream, ip) = match dial::dial(&proxy.resolver, policy.guard(), &host, port, cfg.connect_timeout).await
-            {
+            let dialed = match mode {
+                Mode::Explicit => dial::dial(&proxy.resolver, policy.guard(), &host, port, cfg.connect_timeout).await,
+                Mode::Transparent { orig } => {
+                    if let Err(reason) = super::transparent::verify_destination(&proxy, &snap, &decision, &host, orig).await {
+                        return audit.deny(decision.denied_for(reason), &rule, status_for(reason));
+                    }
+                    dial::connect_any(&[orig.ip()], orig.port(), cfg.connect_timeout).await
+                }
+            };
+            let (stream, ip) = match dialed {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(error = %e, host = %host, "Upstream dial failed");
@@ -261,18 +291,23 @@ pub(super) async fn handle(
         let upload_cap = upload_left;
         let audit_conn = conn.clone();
         let registration = proxy.tunnels.register(host.clone(), port, conn.client);
+        let relay_proxy = proxy.clone();
         tokio::spawn(async move {
             let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) else {
                 audit.emit(0);
                 return;
             };
             let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            let out = super::relay::relay(client, upstream, 0, upload_cap, idle, &registration.cancel).await;
+            let upload = super::relay::UploadLimits { cap: upload_cap, budget: Some((&relay_proxy.budgets, audit.client)) };
+            let out = super::relay::relay(client, upstream, 0, upload, idle, &registration.cancel).await;
             audit_conn.uploaded.fetch_add(out.up, Ordering::Relaxed);
             audit.bytes_up += out.up;
             match out.end {
                 super::relay::RelayEnd::UploadLimit => audit.decision = audit.decision.denied_for(Reason::UploadLimit),
                 super::relay::RelayEnd::Revoked => audit.decision = audit.decision.denied_for(Reason::Revoked),
+                super::relay::RelayEnd::UploadBudget => {
+                    audit.decision = audit.decision.denied_for(Reason::UploadBudget)
+                }
                 _ => {}
             }
             audit.emit(out.down);
@@ -289,13 +324,13 @@ pub(super) async fn handle(
         inner: body,
         bytes: 0,
         audit: Some(audit),
-        ret: keep.then(|| (proxy.pool.clone(), key, sender, ip)),
+        ret: (keep && matches!(mode, Mode::Explicit)).then(|| (proxy.pool.clone(), key, sender, ip)),
     };
     Response::from_parts(parts, tracked.boxed())
 }
 
 /// The destination of an absolute-form request; `Err(status)` for anything else.
-fn target(uri: &Uri) -> Result<(Host, u16), StatusCode> {
+pub(crate) fn target(uri: &Uri) -> Result<(Host, u16), StatusCode> {
     let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
         // Origin-form (`GET /x`) is a request to a server, not to a proxy.
         return Err(StatusCode::BAD_REQUEST);
@@ -306,6 +341,23 @@ fn target(uri: &Uri) -> Result<(Host, u16), StatusCode> {
     match parse_authority(authority.as_str()) {
         Ok((host, port)) => Ok((host, port.unwrap_or(80))),
         Err(_) => Err(StatusCode::FORBIDDEN),
+    }
+}
+
+/// The destination of a transparently redirected request: the `Host` header, on the original
+/// destination's port (a `Host` naming another port is refused: the connection goes to `orig`).
+fn transparent_target<B>(req: &Request<B>, orig: std::net::SocketAddr) -> Result<(Host, u16), StatusCode> {
+    if req.uri().authority().is_some() {
+        // Absolute-form to a transparent port: decide on nothing the client did not route.
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let (Some(value), None) = (hosts.next(), hosts.next()) else { return Err(StatusCode::BAD_REQUEST) };
+    let value = value.to_str().map_err(|_| StatusCode::BAD_REQUEST)?;
+    match parse_authority(value) {
+        Ok((host, None)) => Ok((host, orig.port())),
+        Ok((host, Some(p))) if p == orig.port() => Ok((host, p)),
+        _ => Err(StatusCode::FORBIDDEN),
     }
 }
 
@@ -325,6 +377,7 @@ fn find_cause<'a, T: StdError + 'static>(e: &'a (dyn StdError + 'static)) -> Opt
 struct LimitedBody {
     inner: Incoming,
     conn: Arc<Conn>,
+    proxy: Arc<Proxy>,
     sent: u64,
     body_limit: Option<u64>,
     upload_left: Option<u64>,
@@ -345,6 +398,9 @@ impl Body for LimitedBody {
                 }
                 if this.upload_left.is_some_and(|m| total > m) {
                     return Poll::Ready(Some(Err(Box::new(BodyTooLarge(Reason::UploadLimit)))));
+                }
+                if !this.proxy.budgets.try_spend(this.conn.client, n, Instant::now()) {
+                    return Poll::Ready(Some(Err(Box::new(BodyTooLarge(Reason::UploadBudget)))));
                 }
                 this.sent = total;
                 this.conn.uploaded.fetch_add(n, Ordering::Relaxed);

@@ -4,6 +4,7 @@
 //! Every request is decided against the policy snapshot current when it arrived; every error
 //! path ends in a denial or a closed connection.
 
+pub mod budget;
 mod connect;
 pub mod dial;
 mod http;
@@ -11,7 +12,13 @@ pub mod pool;
 pub mod relay;
 pub mod respond;
 pub mod sni;
+pub mod transparent;
 pub mod tunnels;
+
+/// The request-head handling the proxy does itself, for the fuzzers (`crate::fuzzing`).
+#[doc(hidden)]
+pub use http::strip_hop_by_hop;
+pub(crate) use http::{head_size, host_header, target as absolute_target};
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -43,6 +50,8 @@ pub struct Proxy {
     pub resolver: Arc<Resolver>,
     pub pool: pool::Pool,
     pub tunnels: Arc<tunnels::Tunnels>,
+    /// Per-client upload budgets (`[limits]`), across every flow of a client.
+    pub budgets: budget::Budgets,
     limit: Arc<Semaphore>,
     max_connections: usize,
     /// Flips to true when the process starts draining: idle keep-alive connections close.
@@ -61,6 +70,7 @@ impl Proxy {
             resolver,
             pool,
             tunnels: Arc::default(),
+            budgets: budget::Budgets::new(snap.config.limits.client_upload_budget, snap.config.limits.client_upload_window),
             limit,
             max_connections: cfg.max_connections,
             draining,
@@ -86,10 +96,15 @@ pub(crate) struct Conn {
     _permit: OwnedSemaphorePermit,
 }
 
-/// Accepts on `listener` until the task is dropped. Past `max_connections` the loop stops
-/// accepting (connections wait in the kernel backlog) and resumes as others close; accept
-/// errors such as EMFILE are logged and retried after a pause, never fatal.
-pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
+/// Accepts on `listener` until the task is dropped, handing each connection to `serve`.
+/// Past `max_connections` the loop stops accepting (connections wait in the kernel backlog)
+/// and resumes as others close; accept errors such as EMFILE are logged and retried after a
+/// pause, never fatal.
+pub(crate) async fn accept_loop<F, Fut>(proxy: Arc<Proxy>, listener: TcpListener, serve: F)
+where
+    F: Fn(Arc<Proxy>, TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         let Ok(permit) = proxy.limit.clone().acquire_owned().await else { return };
         let (stream, peer) = match listener.accept().await {
@@ -101,16 +116,35 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        tokio::spawn(serve_conn(proxy, stream, peer, permit));
+        tokio::spawn(serve(proxy.clone(), stream, peer, permit));
     }
 }
 
-async fn serve_conn(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+/// Serves the explicit proxy on `listener`.
+pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
+    accept_loop(proxy, listener, |proxy, stream, peer, permit| serve_conn(proxy, stream, peer, permit, ConnMode::Explicit))
+        .await;
+}
+
+/// What kind of listener a client connection arrived on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ConnMode {
+    Explicit,
+    TransparentHttp { orig: SocketAddr },
+}
+
+pub(crate) async fn serve_conn(
+    proxy: Arc<Proxy>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    mode: ConnMode,
+) {
     let snap = proxy.state.snapshot();
     let cfg = snap.config.proxy.clone();
     drop(snap);
-    let _active = crate::telemetry::metrics().track_connection(crate::telemetry::Kind::Http);
+    let _active = matches!(mode, ConnMode::Explicit)
+        .then(|| crate::telemetry::metrics().track_connection(crate::telemetry::Kind::Http));
     let conn = Arc::new(Conn { client: peer.ip(), uploaded: AtomicU64::new(0), _permit: permit });
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Tracked { inner: stream, activity: activity.clone() });
@@ -120,10 +154,15 @@ async fn serve_conn(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, perm
         async move {
             let id = next_id();
             let snap = proxy.state.snapshot();
-            let resp = if req.method() == ::http::Method::CONNECT {
-                connect::handle(proxy, conn, snap, id, req).await
-            } else {
-                http::handle(proxy, conn, snap, id, req).await
+            let resp = match (mode, req.method() == ::http::Method::CONNECT) {
+                (ConnMode::Explicit, true) => connect::handle(proxy, conn, snap, id, req).await,
+                (ConnMode::Explicit, false) => http::handle(proxy, conn, snap, id, req, http::Mode::Explicit).await,
+                (ConnMode::TransparentHttp { .. }, true) => {
+                    respond::deny(::http::StatusCode::BAD_REQUEST, "default", crate::policy::Reason::Malformed, &id)
+                }
+                (ConnMode::TransparentHttp { orig }, false) => {
+                    http::handle(proxy, conn, snap, id, req, http::Mode::Transparent { orig }).await
+                }
             };
             Ok::<_, Infallible>(resp)
         }

@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
+use super::budget::Budgets;
+use std::net::IpAddr;
+
 /// Why a relay ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RelayEnd {
@@ -21,6 +24,15 @@ pub enum RelayEnd {
     Error,
     /// A reload's policy denies the destination (`revoke_on_reload`), or the process is stopping.
     Revoked,
+    /// The client's upload budget (`[limits]`) ran out; nothing past it was forwarded.
+    UploadBudget,
+}
+
+/// Limits on client→server bytes: the rule's per-tunnel cap and the client's budget.
+#[derive(Clone, Copy, Default)]
+pub struct UploadLimits<'a> {
+    pub cap: Option<u64>,
+    pub budget: Option<(&'a Budgets, IpAddr)>,
 }
 
 /// Byte counts and how the relay ended.
@@ -52,13 +64,13 @@ impl Shared {
     }
 }
 
-/// Copies one direction. `cap` bounds the total including `already` bytes sent before the
-/// relay started.
+/// Copies one direction. `limits.cap` bounds the total including bytes sent before the relay
+/// started; `limits.budget` is charged for every chunk before it is forwarded.
 async fn pump<R, W>(
     mut from: R,
     mut to: W,
     counter: &AtomicU64,
-    cap: Option<u64>,
+    limits: UploadLimits<'_>,
     shared: &Shared,
     idle: Duration,
 ) -> RelayEnd
@@ -79,8 +91,13 @@ where
             Ok(Ok(n)) => n,
         };
         let sent = counter.load(Ordering::Relaxed);
-        if cap.is_some_and(|cap| sent + n as u64 > cap) {
+        if limits.cap.is_some_and(|cap| sent + n as u64 > cap) {
             return RelayEnd::UploadLimit;
+        }
+        if let Some((budgets, client)) = limits.budget {
+            if !budgets.try_spend(client, n as u64, Instant::now()) {
+                return RelayEnd::UploadBudget;
+            }
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return RelayEnd::Error;
@@ -97,7 +114,7 @@ pub async fn relay<C, U>(
     client: C,
     upstream: U,
     already_up: u64,
-    cap: Option<u64>,
+    limits: UploadLimits<'_>,
     idle: Duration,
     cancel: &Notify,
 ) -> RelayOutcome
@@ -113,8 +130,8 @@ where
     });
     let (cr, cw) = tokio::io::split(client);
     let (ur, uw) = tokio::io::split(upstream);
-    let up = pump(cr, uw, &shared.up, cap, &shared, idle);
-    let down = pump(ur, cw, &shared.down, None, &shared, idle);
+    let up = pump(cr, uw, &shared.up, limits, &shared, idle);
+    let down = pump(ur, cw, &shared.down, UploadLimits::default(), &shared, idle);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let mut end = RelayEnd::Closed;
@@ -142,7 +159,7 @@ mod tests {
         let (client, mut client_peer) = duplex(1024);
         let (upstream, mut upstream_peer) = duplex(1024);
         let task =
-            tokio::spawn(async move { relay(client, upstream, 0, None, Duration::from_secs(5), &Notify::new()).await });
+            tokio::spawn(async move { relay(client, upstream, 0, UploadLimits::default(), Duration::from_secs(5), &Notify::new()).await });
         client_peer.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
         upstream_peer.read_exact(&mut buf).await.unwrap();
@@ -161,7 +178,7 @@ mod tests {
         let (client, mut client_peer) = duplex(1 << 16);
         let (upstream, mut upstream_peer) = duplex(1 << 16);
         let task = tokio::spawn(async move {
-            relay(client, upstream, 10, Some(100), Duration::from_secs(5), &Notify::new()).await
+            relay(client, upstream, 10, UploadLimits { cap: Some(100), budget: None }, Duration::from_secs(5), &Notify::new()).await
         });
         client_peer.write_all(&[1u8; 50]).await.unwrap();
         let mut got = vec![0u8; 50];
@@ -177,10 +194,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn budget_cuts_off_the_client() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let (upstream, mut upstream_peer) = duplex(1 << 16);
+        let budgets = Budgets::new(Some(100), Duration::from_secs(60));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let task = tokio::spawn(async move {
+            let limits = UploadLimits { cap: None, budget: Some((&budgets, ip)) };
+            relay(client, upstream, 0, limits, Duration::from_secs(5), &Notify::new()).await
+        });
+        client_peer.write_all(&[1u8; 80]).await.unwrap();
+        let mut got = vec![0u8; 80];
+        upstream_peer.read_exact(&mut got).await.unwrap();
+        client_peer.write_all(&[2u8; 40]).await.unwrap();
+        let out = task.await.unwrap();
+        assert_eq!((out.end, out.up), (RelayEnd::UploadBudget, 80));
+    }
+
+    #[tokio::test]
     async fn idle_tunnel_closes() {
         let (client, _client_peer) = duplex(1024);
         let (upstream, _upstream_peer) = duplex(1024);
-        let out = relay(client, upstream, 0, None, Duration::from_millis(200), &Notify::new()).await;
+        let out = relay(client, upstream, 0, UploadLimits::default(), Duration::from_millis(200), &Notify::new()).await;
         assert_eq!(out.end, RelayEnd::Idle);
     }
 
@@ -190,7 +225,7 @@ mod tests {
         let (upstream, _upstream_peer) = duplex(1024);
         let cancel = Notify::new();
         cancel.notify_one();
-        let out = relay(client, upstream, 0, None, Duration::from_secs(5), &cancel).await;
+        let out = relay(client, upstream, 0, UploadLimits::default(), Duration::from_secs(5), &cancel).await;
         assert_eq!(out.end, RelayEnd::Revoked);
     }
 }

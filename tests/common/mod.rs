@@ -89,6 +89,17 @@ pub struct Opts<'a> {
     pub admin_extra: &'a str,
     /// Extra lines appended to the `[policy]` table (e.g. `revoke_on_reload = false`).
     pub policy_extra: &'a str,
+    /// `proxy.header_timeout`; empty: `"1s"`.
+    pub header_timeout: &'a str,
+    /// Start egressd with this `ulimit -n` (through `bash -c 'ulimit -n N; exec egressd ...'`).
+    pub nofile: Option<u64>,
+    /// `guard.allow_cidrs` entries (e.g. `"127.0.0.1/32"`); empty: `["127.0.0.0/8"]`.
+    pub guard_allow_cidrs: &'a [&'a str],
+    /// Extra top-level tables appended after `[hosts]` (e.g. `"[limits]\nclient_upload_budget = \"64KiB\"\n"`).
+    pub extra: &'a str,
+    /// Run egressd inside this network namespace (`ip netns exec NAME egressd run ...`); its
+    /// listeners and the addresses it dials are then that namespace's.
+    pub netns: Option<&'a str>,
 }
 
 fn free_port() -> u16 {
@@ -136,7 +147,7 @@ impl Egressd {
             r#"[proxy]
 listen = ["127.0.0.1:{proxy_port}"]
 connect_timeout = "2s"
-header_timeout = "1s"
+header_timeout = "{header_timeout}"
 {proxy_extra}
 
 [dns]
@@ -149,23 +160,47 @@ listen = "127.0.0.1:{admin_port}"
 {admin_extra}
 
 [guard]
-allow_cidrs = ["127.0.0.0/8"]
+allow_cidrs = [{guard_allow}]
 
 [policy]
 files = ["rules/*.toml"]
 {policy_extra}
 
 [hosts]
-{hosts}"#,
+{hosts}
+{extra}"#,
             proxy_extra = opts.proxy_extra,
             dns_extra = opts.dns_extra,
             admin_extra = opts.admin_extra,
             policy_extra = opts.policy_extra,
+            extra = opts.extra,
+            header_timeout = if opts.header_timeout.is_empty() { "1s" } else { opts.header_timeout },
+            guard_allow = if opts.guard_allow_cidrs.is_empty() {
+                "\"127.0.0.0/8\"".to_string()
+            } else {
+                opts.guard_allow_cidrs.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ")
+            },
         );
         std::fs::write(dir.path().join("egressd.toml"), main).unwrap();
         std::fs::write(dir.path().join("rules/test.toml"), opts.rules).unwrap();
 
-        let mut child = Command::new(env!("CARGO_BIN_EXE_egressd"))
+        let mut command = match (opts.nofile, opts.netns) {
+            (None, None) => Command::new(env!("CARGO_BIN_EXE_egressd")),
+            (None, Some(ns)) => {
+                // `ip netns exec` execs the program: the child's pid is egressd's.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_egressd")]);
+                c
+            }
+            (Some(_), Some(_)) => panic!("Opts::nofile and Opts::netns cannot be combined"),
+            (Some(limit), None) => {
+                // `exec` keeps the pid: `pid()` and the kill on drop reach egressd itself.
+                let mut c = Command::new("bash");
+                c.arg("-c").arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\"")).arg(env!("CARGO_BIN_EXE_egressd"));
+                c
+            }
+        };
+        let mut child = command
             .args(["run", "--config"])
             .arg(dir.path().join("egressd.toml"))
             .current_dir(dir.path())
@@ -460,7 +495,11 @@ pub struct HttpOrigin {
 
 impl HttpOrigin {
     pub async fn start() -> HttpOrigin {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap())
+    }
+
+    /// Serves on a listener bound elsewhere (e.g. inside a network namespace).
+    pub fn start_on(listener: TcpListener) -> HttpOrigin {
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::<Recorded>::new()));
         let connections = Arc::new(AtomicUsize::new(0));
@@ -561,6 +600,7 @@ pub const TLS_NAMES: &[&str] = &["tls.allowed.test", "other.allowed.test"];
 struct TestCert {
     cert: CertificateDer<'static>,
     key: Vec<u8>,
+    pem: String,
 }
 
 fn test_cert() -> &'static TestCert {
@@ -568,12 +608,18 @@ fn test_cert() -> &'static TestCert {
     CERT.get_or_init(|| {
         let names: Vec<String> = TLS_NAMES.iter().map(|s| s.to_string()).collect();
         let ck = rcgen::generate_simple_self_signed(names).expect("rcgen");
-        TestCert { cert: ck.cert.der().clone(), key: ck.signing_key.serialize_der() }
+        TestCert { cert: ck.cert.der().clone(), key: ck.signing_key.serialize_der(), pem: ck.cert.pem() }
     })
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The test certificate (self-signed, for [`TLS_NAMES`]) in PEM, for real clients
+/// (`curl --cacert`).
+pub fn test_cert_pem() -> String {
+    test_cert().pem.clone()
 }
 
 /// Client config trusting only the test certificate.
@@ -675,7 +721,11 @@ impl AsyncWrite for Counting {
 
 impl TlsOrigin {
     pub async fn start(mode: TlsMode) -> TlsOrigin {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), mode)
+    }
+
+    /// Serves on a listener bound elsewhere (e.g. inside a network namespace).
+    pub fn start_on(listener: TcpListener, mode: TlsMode) -> TlsOrigin {
         let addr = listener.local_addr().unwrap();
         let counters = Arc::new(TlsCounters::default());
         let acceptor = tokio_rustls::TlsAcceptor::from(tls_server_config());
@@ -857,6 +907,14 @@ pub async fn dial(proxy: SocketAddr) -> TcpStream {
     TcpStream::connect(proxy).await.expect("connect to egressd")
 }
 
+/// Connects to egressd from the local address `source` (e.g. `127.0.0.2`: another client).
+pub async fn dial_from(proxy: SocketAddr, source: std::net::IpAddr) -> TcpStream {
+    let socket = if source.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+        .expect("socket");
+    socket.bind(SocketAddr::new(source, 0)).unwrap_or_else(|e| panic!("bind {source}: {e}"));
+    socket.connect(proxy).await.unwrap_or_else(|e| panic!("connect to egressd from {source}: {e}"))
+}
+
 /// One raw request on a fresh connection; returns the response.
 pub async fn raw_request(proxy: SocketAddr, request: &[u8]) -> Resp {
     let mut s = dial(proxy).await;
@@ -874,7 +932,16 @@ pub async fn get(proxy: SocketAddr, host: &str, port: u16, path: &str) -> Resp {
 
 /// Sends `CONNECT target` and reads the response head (and body when not 2xx).
 pub async fn connect(proxy: SocketAddr, target: &str) -> (TcpStream, Resp) {
-    let mut s = dial(proxy).await;
+    connect_over(dial(proxy).await, target).await
+}
+
+/// [`connect`] from the local address `source`.
+pub async fn connect_from(proxy: SocketAddr, source: std::net::IpAddr, target: &str) -> (TcpStream, Resp) {
+    connect_over(dial_from(proxy, source).await, target).await
+}
+
+/// Sends `CONNECT target` on an open connection and reads the response head (and body when not 2xx).
+pub async fn connect_over(mut s: TcpStream, target: &str) -> (TcpStream, Resp) {
     let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let (status, headers) = read_head(&mut s).await.unwrap_or_else(|e| panic!("CONNECT {target}: {e}"));
