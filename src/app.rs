@@ -29,13 +29,33 @@ pub enum AppError {
     Signal(std::io::Error),
 }
 
+/// Listen backlog of the proxy listeners. Past `max_connections` new connections wait in it,
+/// and a burst of connects (slowloris reconnecting, a client fleet after a failover) must not
+/// overflow it: the std/mio default of 128 makes the kernel drop SYNs, and every client then
+/// waits out a 1 s, 3 s, 7 s ... retransmit. The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 1024;
+
 async fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, AppError> {
     let mut out = Vec::with_capacity(addrs.len());
     for &addr in addrs {
-        let l = TcpListener::bind(addr).await.map_err(|source| AppError::Bind { addr, source })?;
+        let l = listen(addr).map_err(|source| AppError::Bind { addr, source })?;
         out.push(l);
     }
     Ok(out)
+}
+
+/// Binds `addr` (with `SO_REUSEADDR`, as `TcpListener::bind` does) and listens with
+/// [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Transparent listeners: like [`bind_all`], with `IP_TRANSPARENT` when permitted (TPROXY).
+fn bind_transparent(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, AppError> {
+    addrs.iter().map(|&addr| proxy::transparent::bind(addr).map_err(|source| AppError::Bind { addr, source })).collect()
 }
 
 fn addr_list(listeners: &[TcpListener]) -> String {
@@ -63,8 +83,8 @@ pub async fn run(path: &Path) -> Result<(), AppError> {
     let cache = Cache::new(cfg.dns.cache_entries, cfg.dns.max_ttl);
     let resolver = Arc::new(Resolver::with_cache(cfg.hosts.clone(), upstreams, cache));
     let proxy_listeners = bind_all(&cfg.proxy.listen).await?;
-    let transparent_tls = bind_all(&cfg.proxy.transparent_tls).await?;
-    let transparent_http = bind_all(&cfg.proxy.transparent_http).await?;
+    let transparent_tls = bind_transparent(&cfg.proxy.transparent_tls)?;
+    let transparent_http = bind_transparent(&cfg.proxy.transparent_http)?;
     let mut dns_listeners = Vec::with_capacity(cfg.dns.listen.len());
     for &addr in &cfg.dns.listen {
         dns_listeners.push(dns::bind(addr).await.map_err(|source| AppError::Bind { addr, source })?);

@@ -19,7 +19,9 @@ use crate::policy::name::{
     Host, Name, Pattern, normalize_host, normalize_name, parse_authority, parse_ipv4_strict, parse_ipv6_strict,
     parse_pattern, wire_label_ok,
 };
-use crate::policy::{Action, Decision, DefaultAction, Facts, Origin, Policy, PolicyBuilder, Reason, Rule, RuleId, Surface};
+use crate::policy::{
+    Action, Decision, DefaultAction, Facts, Origin, Policy, PolicyBuilder, Reason, Rule, RuleId, Surface,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Shared helpers
@@ -118,7 +120,9 @@ fn check_authority(input: &str) -> Option<(Host, Option<u16>)> {
 
 /// Splits `data` at `\n`, giving each line's first byte and the rest as text.
 fn lines(data: &[u8]) -> impl Iterator<Item = (u8, String)> + '_ {
-    data.split(|&b| b == b'\n').filter_map(|l| l.split_first()).map(|(&c, rest)| (c, String::from_utf8_lossy(rest).into_owned()))
+    data.split(|&b| b == b'\n')
+        .filter_map(|l| l.split_first())
+        .map(|(&c, rest)| (c, String::from_utf8_lossy(rest).into_owned()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -161,7 +165,9 @@ fn kind_of(p: &Pattern) -> Kind {
 fn ref_match(r: &RefRule, host: &Host) -> Option<(bool, usize)> {
     match host {
         Host::Name(n) => r.patterns.iter().filter_map(|p| specificity(p, n)).max(),
-        Host::Ip(ip) => r.rule.cidrs.iter().filter(|net| net.contains(ip)).map(|net| (false, usize::from(net.prefix_len()))).max(),
+        Host::Ip(ip) => {
+            r.rule.cidrs.iter().filter(|net| net.contains(ip)).map(|net| (false, usize::from(net.prefix_len()))).max()
+        }
     }
 }
 
@@ -268,7 +274,8 @@ fn ref_rule(ctl: u8, id: usize) -> Rule {
 /// Request facts from a control byte: bits 0-1 port, 2-3 client, 4-5 method (and a body), 6 surface.
 fn ref_facts(ctl: u8, host: &Host) -> Facts<'_> {
     let port = [None, Some(80), Some(443), Some(8080)][usize::from(ctl & 3)];
-    let client = [None, Some([10, 1, 2, 3]), Some([192, 168, 1, 1]), Some([10, 255, 0, 1])][usize::from((ctl >> 2) & 3)];
+    let client =
+        [None, Some([10, 1, 2, 3]), Some([192, 168, 1, 1]), Some([10, 255, 0, 1])][usize::from((ctl >> 2) & 3)];
     let (method, body_len) = [(None, None), (Some("GET"), None), (Some("POST"), Some(50)), (Some("get"), Some(500))]
         [usize::from((ctl >> 4) & 3)];
     Facts {
@@ -338,15 +345,23 @@ pub fn name_matcher(data: &[u8]) {
         for p in &r.patterns {
             let (Pattern::Exact(n) | Pattern::Below(n) | Pattern::ApexAndBelow(n)) = p else { continue };
             let s = n.as_str();
-            let around = [Some(s.to_string()), s.split_once('.').map(|(_, parent)| parent.to_string()), Some(format!("a.{s}")), Some(format!("b-.c.{s}"))];
+            let around = [
+                Some(s.to_string()),
+                s.split_once('.').map(|(_, parent)| parent.to_string()),
+                Some(format!("a.{s}")),
+                Some(format!("b-.c.{s}")),
+            ];
             derived.extend(around.into_iter().flatten().filter_map(|t| normalize_name(&t).ok()).map(Host::Name));
         }
         for net in &r.rule.cidrs {
             derived.extend([net.network(), net.broadcast()].map(Host::Ip));
         }
     }
-    let all: Vec<(u8, &Host)> =
-        queries.iter().map(|(c, h)| (*c, h)).chain(derived.iter().enumerate().map(|(i, h)| ((i as u8).wrapping_mul(37), h))).collect();
+    let all: Vec<(u8, &Host)> = queries
+        .iter()
+        .map(|(c, h)| (*c, h))
+        .chain(derived.iter().enumerate().map(|(i, h)| ((i as u8).wrapping_mul(37), h)))
+        .collect();
 
     let mut b = PolicyBuilder::new();
     for r in &rules {
@@ -444,7 +459,8 @@ pub fn ip_literal(data: &[u8]) {
 // config
 // ---------------------------------------------------------------------------------------------
 
-const MAIN_FIXED: &str = "[policy]\ndefault = \"deny\"\nfiles = [\"rules/*.toml\"]\n\n[hosts]\n\"intranet.example.org\" = [\"10.0.8.20\"]\n";
+const MAIN_FIXED: &str =
+    "[policy]\ndefault = \"deny\"\nfiles = [\"rules/*.toml\"]\n\n[hosts]\n\"intranet.example.org\" = [\"10.0.8.20\"]\n";
 const RULES_FIXED: &str = "[[rule]]\nname = \"fixed\"\naction = \"allow\"\nhosts = [\"example.org\", \"*.example.org\"]\nhosts_files = [\"list.txt\"]\n\n[[rule]]\nname = \"deny\"\naction = \"deny\"\nhosts = [\".evil.test\"]\ncidrs = [\"192.0.2.0/24\"]\n";
 const LIST_FIXED: &str = "# names\nexample.com\n0.0.0.0 a.example.net b.example.net\n";
 
@@ -504,7 +520,9 @@ pub fn config(data: &[u8]) {
             _ => (MAIN_FIXED.as_bytes(), RULES_FIXED.as_bytes(), body),
         };
         let main_path = dir.join("egressd.toml");
-        for (path, bytes) in [(&main_path, main), (&dir.join("rules/r.toml"), rules), (&dir.join("rules/list.txt"), list)] {
+        for (path, bytes) in
+            [(&main_path, main), (&dir.join("rules/r.toml"), rules), (&dir.join("rules/list.txt"), list)]
+        {
             if std::fs::write(path, bytes).is_err() {
                 return;
             }
@@ -599,8 +617,16 @@ pub fn client_hello(data: &[u8]) {
 // ---------------------------------------------------------------------------------------------
 
 /// Headers the proxy must never forward (besides `proxy-*` and those named in `Connection`).
-const HOP_BY_HOP: [&str; 8] =
-    ["connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"];
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
 /// What the proxy does with one request head before dialing, with its properties checked.
 fn check_request_head(parts: &::http::request::Parts) {
@@ -680,7 +706,11 @@ fn serve_bytes(data: &[u8]) {
                 Ok::<_, std::convert::Infallible>(::http::Response::new(Empty::<bytes::Bytes>::new()))
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(5)).max_buf_size(32768).keep_alive(true);
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .max_buf_size(32768)
+                .keep_alive(true);
             let conn = builder.serve_connection(TokioIo::new(server), svc).with_upgrades();
             let feed = async {
                 let _ = client.write_all(data).await;

@@ -324,7 +324,12 @@ fn answer_name(name: &DnsName) -> Option<Name> {
 /// `inspect_cnames`), and no address may fall in the guard's denied ranges. Returns the reason
 /// and, for a refused target name, the name of the rule (or `default`) that refused it; `None`
 /// when the answer may be returned.
-pub(crate) fn inspect(policy: &Policy, resp: &Message, client: IpAddr, inspect_cnames: bool) -> Option<(Reason, Option<String>)> {
+pub(crate) fn inspect(
+    policy: &Policy,
+    resp: &Message,
+    client: IpAddr,
+    inspect_cnames: bool,
+) -> Option<(Reason, Option<String>)> {
     let allowed = |target: &DnsName| -> Result<(), String> {
         let Some(name) = answer_name(target) else { return Err("default".to_string()) };
         let host = Host::Name(name);

@@ -82,8 +82,10 @@ impl Budgets {
         self.remaining(client, now) == Some(0)
     }
 
-    /// Records `n` bytes if they fit in what is left; returns false (recording nothing) if
-    /// they would exceed the budget.
+    /// Records `n` bytes if they fit in what is left. If they would exceed the budget, returns
+    /// false and counts the client's window as full: a client that tried to go over is over
+    /// budget (its new uploads are refused) until bytes slide out of the window, rather than
+    /// keeping a remainder smaller than the chunk that was refused.
     pub fn try_spend(&self, client: IpAddr, n: u64, now: Instant) -> bool {
         let Some(limit) = self.limit else { return true };
         let b = self.bucket_of(now);
@@ -94,7 +96,9 @@ impl Budgets {
             }
         }
         let w = clients.entry(client).or_insert_with(Window::new);
-        if w.total(b).saturating_add(n) > limit {
+        let used = w.total(b);
+        if used.saturating_add(n) > limit {
+            w.add(b, limit.saturating_sub(used));
             return false;
         }
         w.add(b, n);
@@ -118,9 +122,11 @@ mod tests {
         let b = Budgets::new(Some(1000), Duration::from_secs(3600));
         let t = Instant::now();
         assert!(b.try_spend(A, 600, t));
+        assert!(b.try_spend(A, 300, t));
+        assert_eq!(b.remaining(A, t), Some(100));
         assert!(!b.try_spend(A, 500, t), "would exceed");
-        assert!(b.try_spend(A, 400, t));
-        assert!(b.exhausted(A, t));
+        assert!(b.exhausted(A, t), "a refused spend leaves the client over budget");
+        assert!(!b.try_spend(A, 1, t));
         assert_eq!(b.remaining(B, t), Some(1000), "another client is unaffected");
         assert!(b.try_spend(B, 1000, t));
     }
@@ -131,6 +137,7 @@ mod tests {
         let t = Instant::now();
         assert!(b.try_spend(A, 1000, t));
         assert!(!b.try_spend(A, 1, t + Duration::from_secs(30)));
+        assert!(b.exhausted(A, t + Duration::from_secs(30)));
         assert!(b.try_spend(A, 1000, t + Duration::from_secs(61)), "the old bytes left the window");
     }
 

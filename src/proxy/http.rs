@@ -31,6 +31,12 @@ use crate::telemetry::{DecisionEvent, Kind};
 #[error("request body exceeds the {0} limit")]
 pub struct BodyTooLarge(pub Reason);
 
+/// The client's request body could not be read (bad chunk framing, cut short): the client's
+/// fault, answered `400` with reason `malformed`, not a `502` blamed on the upstream.
+#[derive(Debug, thiserror::Error)]
+#[error("client request body: {0}")]
+pub struct ClientBodyError(hyper::Error);
+
 /// Where a request came from: the explicit proxy (absolute-form, routed by the URI) or a
 /// transparent listener (origin-form, decided on `Host`, sent to the original destination).
 #[derive(Clone, Copy, Debug)]
@@ -228,8 +234,14 @@ pub(super) async fn handle(
         Err(_) => return audit.deny(Decision::MALFORMED, "default", StatusCode::BAD_REQUEST),
     };
     parts.version = http::Version::HTTP_11;
-    let limited =
-        LimitedBody { inner: body, conn: conn.clone(), proxy: proxy.clone(), sent: 0, body_limit: limits.max_request_body, upload_left };
+    let limited = LimitedBody {
+        inner: body,
+        conn: conn.clone(),
+        proxy: proxy.clone(),
+        sent: 0,
+        body_limit: limits.max_request_body,
+        upload_left,
+    };
     let outgoing = Request::from_parts(parts, limited.boxed());
 
     let key: PoolKey = (host.to_string(), port);
@@ -244,7 +256,9 @@ pub(super) async fn handle(
             let dialed = match mode {
                 Mode::Explicit => dial::dial(&proxy.resolver, policy.guard(), &host, port, cfg.connect_timeout).await,
                 Mode::Transparent { orig } => {
-                    if let Err(reason) = super::transparent::verify_destination(&proxy, &snap, &decision, &host, orig).await {
+                    if let Err(reason) =
+                        super::transparent::verify_destination(&proxy, &snap, &decision, &host, orig).await
+                    {
                         return audit.deny(decision.denied_for(reason), &rule, status_for(reason));
                     }
                     dial::connect_any(&[orig.ip()], orig.port(), cfg.connect_timeout).await
@@ -271,14 +285,22 @@ pub(super) async fn handle(
     };
     audit.upstream_ip = Some(ip);
     let sent_before = conn.uploaded.load(Ordering::Relaxed);
-    let result = sender.send_request(outgoing).await;
+    let result = conn.activity.until_idle(sender.send_request(outgoing), cfg.idle_timeout).await;
     audit.bytes_up = conn.uploaded.load(Ordering::Relaxed).saturating_sub(sent_before);
+    let Some(result) = result else {
+        tracing::debug!(host = %host, "No response from the upstream within idle_timeout");
+        return audit.deny(decision.denied_for(Reason::Upstream), &rule, StatusCode::GATEWAY_TIMEOUT);
+    };
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
             if let Some(BodyTooLarge(reason)) = find_cause::<BodyTooLarge>(&e) {
                 let reason = *reason;
                 return audit.deny(decision.denied_for(reason), &rule, StatusCode::PAYLOAD_TOO_LARGE);
+            }
+            if find_cause::<ClientBodyError>(&e).is_some() {
+                tracing::debug!(error = %e, "Client request body malformed");
+                return audit.deny(decision.denied_for(Reason::Malformed), &rule, StatusCode::BAD_REQUEST);
             }
             tracing::debug!(error = %e, "Upstream request failed");
             return audit.deny(decision.denied_for(Reason::Upstream), &rule, StatusCode::BAD_GATEWAY);
@@ -298,7 +320,8 @@ pub(super) async fn handle(
                 return;
             };
             let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            let upload = super::relay::UploadLimits { cap: upload_cap, budget: Some((&relay_proxy.budgets, audit.client)) };
+            let upload =
+                super::relay::UploadLimits { cap: upload_cap, budget: Some((&relay_proxy.budgets, audit.client)) };
             let out = super::relay::relay(client, upstream, 0, upload, idle, &registration.cancel).await;
             audit_conn.uploaded.fetch_add(out.up, Ordering::Relaxed);
             audit.bytes_up += out.up;
@@ -406,7 +429,7 @@ impl Body for LimitedBody {
                 this.conn.uploaded.fetch_add(n, Ordering::Relaxed);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyError(e))))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

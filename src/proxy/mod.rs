@@ -70,7 +70,10 @@ impl Proxy {
             resolver,
             pool,
             tunnels: Arc::default(),
-            budgets: budget::Budgets::new(snap.config.limits.client_upload_budget, snap.config.limits.client_upload_window),
+            budgets: budget::Budgets::new(
+                snap.config.limits.client_upload_budget,
+                snap.config.limits.client_upload_window,
+            ),
             limit,
             max_connections: cfg.max_connections,
             draining,
@@ -89,10 +92,13 @@ impl Proxy {
     }
 }
 
-/// One client connection: its address, its upload total, and its connection-limit permit.
+/// One client connection: its address, its upload total, its last activity, and its
+/// connection-limit permit.
 pub(crate) struct Conn {
     pub client: IpAddr,
     pub uploaded: AtomicU64,
+    /// When a byte last moved on the client socket (for `idle_timeout`).
+    pub activity: Arc<Activity>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -116,14 +122,19 @@ where
             }
         };
         let _ = stream.set_nodelay(true);
+        // An IPv4 client of a dual-stack `[::]` listener is `::ffff:a.b.c.d`: use its IPv4 form,
+        // so client-scoped rules, budgets and the audit log see the same address either way.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         tokio::spawn(serve(proxy.clone(), stream, peer, permit));
     }
 }
 
 /// Serves the explicit proxy on `listener`.
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
-    accept_loop(proxy, listener, |proxy, stream, peer, permit| serve_conn(proxy, stream, peer, permit, ConnMode::Explicit))
-        .await;
+    accept_loop(proxy, listener, |proxy, stream, peer, permit| {
+        serve_conn(proxy, stream, peer, permit, ConnMode::Explicit)
+    })
+    .await;
 }
 
 /// What kind of listener a client connection arrived on.
@@ -145,8 +156,9 @@ pub(crate) async fn serve_conn(
     drop(snap);
     let _active = matches!(mode, ConnMode::Explicit)
         .then(|| crate::telemetry::metrics().track_connection(crate::telemetry::Kind::Http));
-    let conn = Arc::new(Conn { client: peer.ip(), uploaded: AtomicU64::new(0), _permit: permit });
     let activity = Arc::new(Activity::new());
+    let conn =
+        Arc::new(Conn { client: peer.ip(), uploaded: AtomicU64::new(0), activity: activity.clone(), _permit: permit });
     let io = TokioIo::new(Tracked { inner: stream, activity: activity.clone() });
     let svc_proxy = proxy.clone();
     let svc = service_fn(move |req| {
@@ -178,6 +190,7 @@ pub(crate) async fn serve_conn(
     let tick = (cfg.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
     let mut draining = proxy.draining.subscribe();
     let mut shutting_down = *draining.borrow();
+    let mut idle_shutdown = false;
     if shutting_down {
         served.as_mut().graceful_shutdown();
     }
@@ -186,6 +199,14 @@ pub(crate) async fn serve_conn(
             _ = &mut served => break,
             _ = tokio::time::sleep(tick) => {
                 if activity.idle_for() >= cfg.idle_timeout {
+                    // A graceful shutdown waits for the exchange in flight; if no byte has
+                    // moved since it was asked for, that exchange is stuck (a client that
+                    // stopped reading, an upstream that stopped sending): close the connection,
+                    // so it cannot hold its `max_connections` slot forever.
+                    if idle_shutdown {
+                        break;
+                    }
+                    idle_shutdown = true;
                     served.as_mut().graceful_shutdown();
                 }
             }
@@ -200,7 +221,7 @@ pub(crate) async fn serve_conn(
 }
 
 /// Time of the last byte read or written on a client connection.
-struct Activity {
+pub(crate) struct Activity {
     start: Instant,
     last_ms: AtomicU64,
 }
@@ -214,8 +235,28 @@ impl Activity {
         self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    fn idle_for(&self) -> Duration {
+    pub(crate) fn idle_for(&self) -> Duration {
         self.start.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Runs `fut` (waiting for an upstream) while the connection is not idle; `None` once no
+    /// byte has moved on the client socket for `idle` (an upstream that accepts and never
+    /// answers). Fires before `serve_conn` would close the connection as stuck, so the client
+    /// gets an answer.
+    pub(crate) async fn until_idle<F: std::future::Future>(&self, fut: F, idle: Duration) -> Option<F::Output> {
+        tokio::pin!(fut);
+        loop {
+            let left = idle.saturating_sub(self.idle_for());
+            tokio::select! {
+                biased;
+                out = &mut fut => return Some(out),
+                _ = tokio::time::sleep(left) => {
+                    if self.idle_for() >= idle {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -158,8 +158,9 @@ mod tests {
     async fn relays_both_ways_and_counts() {
         let (client, mut client_peer) = duplex(1024);
         let (upstream, mut upstream_peer) = duplex(1024);
-        let task =
-            tokio::spawn(async move { relay(client, upstream, 0, UploadLimits::default(), Duration::from_secs(5), &Notify::new()).await });
+        let task = tokio::spawn(async move {
+            relay(client, upstream, 0, UploadLimits::default(), Duration::from_secs(5), &Notify::new()).await
+        });
         client_peer.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
         upstream_peer.read_exact(&mut buf).await.unwrap();
@@ -178,7 +179,15 @@ mod tests {
         let (client, mut client_peer) = duplex(1 << 16);
         let (upstream, mut upstream_peer) = duplex(1 << 16);
         let task = tokio::spawn(async move {
-            relay(client, upstream, 10, UploadLimits { cap: Some(100), budget: None }, Duration::from_secs(5), &Notify::new()).await
+            relay(
+                client,
+                upstream,
+                10,
+                UploadLimits { cap: Some(100), budget: None },
+                Duration::from_secs(5),
+                &Notify::new(),
+            )
+            .await
         });
         client_peer.write_all(&[1u8; 50]).await.unwrap();
         let mut got = vec![0u8; 50];

@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{getsockopt, sockopt};
+use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -27,15 +27,41 @@ use crate::telemetry::{DecisionEvent, Kind, metrics, next_id};
 /// under TPROXY the accepted socket's local address is the original destination.
 pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
     let local = stream.local_addr()?;
+    let v4 = |sa: nix::libc::sockaddr_in| {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr))), u16::from_be(sa.sin_port))
+    };
     let nat = match local {
-        SocketAddr::V4(_) => getsockopt(stream, sockopt::OriginalDst).map(|sa| {
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr))), u16::from_be(sa.sin_port))
-        }),
-        SocketAddr::V6(_) => getsockopt(stream, sockopt::Ip6tOriginalDst).map(|sa| {
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr)), u16::from_be(sa.sin6_port))
-        }),
+        SocketAddr::V4(_) => getsockopt(stream, sockopt::OriginalDst).map(v4),
+        // An IPv4 flow accepted on a dual-stack `[::]` listener: its NAT entry is IPv4's.
+        SocketAddr::V6(l) if l.ip().to_ipv4_mapped().is_some() => getsockopt(stream, sockopt::OriginalDst).map(v4),
+        SocketAddr::V6(_) => getsockopt(stream, sockopt::Ip6tOriginalDst)
+            .map(|sa| SocketAddr::new(IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr)), u16::from_be(sa.sin6_port))),
     };
     Ok(nat.unwrap_or(local))
+}
+
+/// True when a connection reached the listener `own` without being redirected: its "original
+/// destination" is the listener itself (same address as the accepted socket's, on the
+/// listener's port). A wildcard listener (`0.0.0.0:port`) never equals a concrete address, so
+/// the comparison is on the port and the accepted socket's own address.
+fn not_redirected(orig: SocketAddr, local: Option<SocketAddr>, own: Option<SocketAddr>) -> bool {
+    match own {
+        Some(own) => orig.port() == own.port() && local.is_none_or(|l| l == orig),
+        None => true,
+    }
+}
+
+/// Binds a transparent listener, with `IP_TRANSPARENT` when the process may set it
+/// (`CAP_NET_ADMIN`): TPROXY delivers connections only to such sockets. REDIRECT needs nothing,
+/// so not being allowed to set it is not an error.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    if let Err(e) = setsockopt(&socket, sockopt::IpTransparent, &true) {
+        tracing::debug!(%addr, error = %e, "IP_TRANSPARENT not set: TPROXY cannot deliver to this listener (REDIRECT can)");
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// Checks that `orig` is where `host` really is: inside the guard's permitted addresses, and
@@ -91,7 +117,7 @@ pub async fn serve_http(proxy: Arc<Proxy>, listener: TcpListener) {
     let own = listener.local_addr().ok();
     super::accept_loop(proxy, listener, move |proxy, stream, peer, permit| async move {
         let orig = match original_destination(&stream) {
-            Ok(o) if Some(o) != own => o,
+            Ok(o) if !not_redirected(o, stream.local_addr().ok(), own) => o,
             // Not redirected (a direct connection to the listener): nowhere legitimate to go.
             _ => return refuse_early(stream, peer, Reason::Malformed, None),
         };
@@ -132,7 +158,7 @@ fn reset(stream: TcpStream) {
 async fn tls_flow(proxy: Arc<Proxy>, mut stream: TcpStream, peer: SocketAddr, own: Option<SocketAddr>) {
     let started = Instant::now();
     let orig = match original_destination(&stream) {
-        Ok(o) if Some(o) != own => o,
+        Ok(o) if !not_redirected(o, stream.local_addr().ok(), own) => o,
         _ => return refuse_early(stream, peer, Reason::Malformed, None),
     };
     let snap = proxy.state.snapshot();
@@ -150,8 +176,14 @@ async fn tls_flow(proxy: Arc<Proxy>, mut stream: TcpStream, peer: SocketAddr, ow
         _ => return refuse_early(stream, peer, Reason::Malformed, Some(orig)),
     };
     let policy = &snap.policy;
-    let facts =
-        Facts { host: &host, port: Some(orig.port()), client: Some(peer.ip()), method: None, body_len: None, surface: Surface::Proxy };
+    let facts = Facts {
+        host: &host,
+        port: Some(orig.port()),
+        client: Some(peer.ip()),
+        method: None,
+        body_len: None,
+        surface: Surface::Proxy,
+    };
     let decision = policy.decide(&facts);
     let rule = policy.rule_name(decision.rule).to_string();
     let host_str = host.to_string();
@@ -228,6 +260,26 @@ mod tests {
         let _client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
         assert_eq!(original_destination(&server).unwrap(), addr, "no NAT entry: the local address");
+    }
+
+    #[test]
+    fn direct_connections_are_told_from_redirected_ones() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        // Direct, to a concrete and to a wildcard listener.
+        assert!(not_redirected(a("10.0.0.1:15443"), Some(a("10.0.0.1:15443")), Some(a("10.0.0.1:15443"))));
+        assert!(not_redirected(a("10.0.0.1:15443"), Some(a("10.0.0.1:15443")), Some(a("0.0.0.0:15443"))));
+        // REDIRECT: the original destination differs from the accepted socket's address.
+        assert!(!not_redirected(a("192.0.2.7:443"), Some(a("10.0.0.1:15443")), Some(a("0.0.0.0:15443"))));
+        // TPROXY: the accepted socket's address is the original destination, on another port.
+        assert!(!not_redirected(a("192.0.2.7:443"), Some(a("192.0.2.7:443")), Some(a("0.0.0.0:15443"))));
+    }
+
+    #[tokio::test]
+    async fn bind_listens_with_or_without_ip_transparent() {
+        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let _c = TcpStream::connect(addr).await.unwrap();
+        l.accept().await.unwrap();
     }
 
     #[test]
