@@ -11,7 +11,8 @@
 #                (its text must not be, and egressd must have logged the CONNECT as denied)
 # Nothing here contacts a non-loopback address: the proxy is set for every request
 # (--proxy-bypass-list='<-loopback>' removes Chromium's implicit loopback bypass too), Chromium never
-# resolves a name itself, and egressd denies every name but the test origin's.
+# resolves a name itself, and egressd denies every name but the test origin's. As root the whole
+# test also runs in a private network namespace whose only interface is loopback.
 #
 # Usage: tests/clients/browser.sh      (EGRESSD=path/to/egressd to test another build;
 #                                       CHROMIUM=path/to/chromium to use another browser;
@@ -45,13 +46,28 @@ fi
 [[ -x "$CHROMIUM" ]] || { echo "not an executable: $CHROMIUM" >&2; exit 2; }
 
 if [[ -z "${EGRESSD:-}" ]]; then
-    EGRESSD="$ROOT/target/release/egressd"
+    TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+    [[ "$TARGET_DIR" == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
+    EGRESSD="$TARGET_DIR/release/egressd"
     if [[ ! -x "$EGRESSD" ]]; then
         echo "building $EGRESSD"
         (cd "$ROOT" && cargo build --release --bin egressd)
     fi
 fi
 [[ -x "$EGRESSD" ]] || { echo "not an executable: $EGRESSD" >&2; exit 2; }
+export EGRESSD CHROMIUM
+
+# Isolation: as root, the test re-runs itself in a fresh network namespace holding only a
+# loopback interface, so nothing it starts can reach any other address whatever Chromium tries.
+# EGRESSD_BROWSER_NETNS=0 skips this (the proxy settings still send every request to egressd).
+if [[ -z "${EGRESSD_BROWSER_IN_NETNS:-}" && "${EGRESSD_BROWSER_NETNS:-1}" != 0 && "$(id -u)" == 0 ]] &&
+    command -v unshare >/dev/null && command -v ip >/dev/null && unshare --net true 2>/dev/null; then
+    # shellcheck disable=SC2016 # $0 and $@ expand in the inner shell
+    exec unshare --net env EGRESSD_BROWSER_IN_NETNS=1 bash -c 'ip link set lo up && exec bash "$0" "$@"' "${BASH_SOURCE[0]}" "$@"
+fi
+if [[ -n "${EGRESSD_BROWSER_IN_NETNS:-}" ]]; then
+    echo "running in a private network namespace: $(ip -o link show | awk -F': ' '{print $2}' | tr '\n' ' ')"
+fi
 
 WORK="$(mktemp -d)"
 PIDS=()
