@@ -63,6 +63,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.admin.listen != new.admin.listen {
         out.push("admin.listen");
     }
+    if old.limits != new.limits {
+        out.push("[limits] upload budgets");
+    }
     out
 }
 
