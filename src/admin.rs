@@ -8,8 +8,8 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -83,10 +83,13 @@ impl Readiness {
 
 /// What every admin connection shares.
 pub struct Admin {
-    state: Arc<State>,
+    /// The policy state, once loaded (the admin server comes up before it, answering 503).
+    state: OnceLock<Arc<State>>,
+    /// `admin.allow_clients` of the main config, used until the state is loaded.
+    initial_allow: Vec<ipnet::IpNet>,
     readiness: Readiness,
-    /// The `host:port` the PAC file names.
-    pac_proxy: String,
+    /// The `host:port` the PAC file names, once the proxy listeners are bound.
+    pac_proxy: OnceLock<String>,
     metrics: &'static Metrics,
     limit: Arc<Semaphore>,
 }
@@ -105,13 +108,41 @@ impl Admin {
         pac_proxy: String,
         metrics: &'static Metrics,
     ) -> Arc<Self> {
-        Arc::new(Self { state, readiness, pac_proxy, metrics, limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)) })
+        let admin = Self::starting_with(Vec::new(), readiness, metrics);
+        admin.set_loaded(state, pac_proxy);
+        admin
+    }
+
+    /// An admin server for a process still loading its policy: `/readyz` is 503, `/policy`
+    /// and `/proxy.pac` are 503 until [`Admin::set_loaded`].
+    pub fn starting(allow_clients: Vec<ipnet::IpNet>, readiness: Readiness) -> Arc<Self> {
+        Self::starting_with(allow_clients, readiness, metrics())
+    }
+
+    fn starting_with(initial_allow: Vec<ipnet::IpNet>, readiness: Readiness, metrics: &'static Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            state: OnceLock::new(),
+            initial_allow,
+            readiness,
+            pac_proxy: OnceLock::new(),
+            metrics,
+            limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        })
+    }
+
+    /// The policy is loaded and the proxy bound: serve `/policy` and `/proxy.pac`.
+    pub fn set_loaded(&self, state: Arc<State>, pac_proxy: String) {
+        let _ = self.state.set(state);
+        let _ = self.pac_proxy.set(pac_proxy);
     }
 
     /// True when `client` is inside `admin.allow_clients` of the snapshot in force.
     fn allows(&self, client: IpAddr) -> bool {
-        let snap = self.state.snapshot();
-        CidrSet::new(snap.config.admin.allow_clients.iter().copied()).contains(client.to_canonical())
+        let client = client.to_canonical();
+        match self.state.get() {
+            Some(state) => CidrSet::new(state.snapshot().config.admin.allow_clients.iter().copied()).contains(client),
+            None => CidrSet::new(self.initial_allow.iter().copied()).contains(client),
+        }
     }
 
     /// Answers one request from an allowed client.
@@ -127,6 +158,9 @@ impl Admin {
             "/readyz" if self.readiness.ready() => text(StatusCode::OK, "ready\n"),
             "/readyz" if self.readiness.draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            "/policy" | "/proxy.pac" if self.state.get().is_none() => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "policy not loaded yet\n")
+            }
             "/policy" => respond(StatusCode::OK, JSON_CONTENT_TYPE, self.policy_json()),
             "/proxy.pac" => self.pac(),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -135,7 +169,8 @@ impl Admin {
 
     /// A summary of the policy in force: no rule contents, no secrets.
     fn policy_json(&self) -> String {
-        let snap = self.state.snapshot();
+        let Some(state) = self.state.get() else { return "{}\n".to_string() };
+        let snap = state.snapshot();
         let files: Vec<serde_json::Value> = snap
             .sources
             .iter()
@@ -164,7 +199,7 @@ impl Admin {
     /// A PAC file that sends everything through the proxy. It never answers `DIRECT`: with no
     /// usable proxy address it is a 500, not a PAC that lets the browser go around the proxy.
     fn pac(&self) -> AdminResponse {
-        let addr = self.pac_proxy.as_str();
+        let addr = self.pac_proxy.get().map_or("", String::as_str);
         let usable = !addr.is_empty()
             && addr.len() <= 262
             && addr.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b':' | b'-' | b'_' | b'[' | b']'));
@@ -197,7 +232,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, readiness: Readines
     serve_admin(listener, Admin::new(state, readiness, pac_proxy)).await;
 }
 
-async fn serve_admin(listener: TcpListener, admin: Arc<Admin>) {
+pub async fn serve_admin(listener: TcpListener, admin: Arc<Admin>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,

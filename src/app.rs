@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::admin::{self, Readiness};
+use crate::admin::{self, Admin, Readiness};
 use crate::config::{self, ConfigError};
 use crate::dns::{self, handler::Firewall, tunneling::Detector};
 use crate::proxy::{self, Proxy};
@@ -69,15 +69,26 @@ pub async fn run(path: &Path) -> Result<(), AppError> {
     // Signal handlers first, so a SIGTERM during start-up is not fatal-by-default.
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(AppError::Signal)?;
+    // The admin listener comes up first, from the main config alone, so `/readyz` answers 503
+    // while the policy (possibly a million names) compiles and the listeners bind.
+    let main = config::load_main(path)?;
+    let readiness = Readiness::new();
+    let admin = Admin::starting(main.admin.allow_clients.clone(), readiness.clone());
+    let mut background = Vec::new();
+    let mut admin_addr = None;
+    if let Some(addr) = main.admin.listen {
+        let l = TcpListener::bind(addr).await.map_err(|source| AppError::Bind { addr, source })?;
+        admin_addr = l.local_addr().ok().map(|a| a.to_string());
+        tracing::info!(
+            event = "admin",
+            admin_listen = admin_addr.as_deref().unwrap_or(""),
+            "Admin listening; loading policy"
+        );
+        background.push(tokio::spawn(admin::serve_admin(l, admin.clone())));
+    }
     let loaded = config::load(path)?;
     let cfg = loaded.config.clone();
-    let readiness = Readiness::new();
     let state = Arc::new(State::new(loaded));
-    // The admin listener comes up first so `/readyz` answers 503 until everything is bound.
-    let admin_listener = match cfg.admin.listen {
-        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| AppError::Bind { addr, source })?),
-        None => None,
-    };
     let upstreams =
         Upstreams::new(&cfg.dns.upstreams, cfg.dns.upstream_timeout).map_err(|e| AppError::Upstreams(e.to_string()))?;
     let cache = Cache::new(cfg.dns.cache_entries, cfg.dns.max_ttl);
@@ -98,15 +109,11 @@ pub async fn run(path: &Path) -> Result<(), AppError> {
     });
     let proxy = Proxy::new(state.clone(), resolver.clone());
     let proxy_addrs = addr_list(&proxy_listeners);
-    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string());
     let pac_proxy =
         cfg.admin.pac_proxy.clone().unwrap_or_else(|| proxy_addrs.split(',').next().unwrap_or_default().to_string());
 
     let mut listeners = Vec::new();
-    let mut background = Vec::new();
-    if let Some(l) = admin_listener {
-        background.push(tokio::spawn(admin::serve(l, state.clone(), readiness.clone(), pac_proxy)));
-    }
+    admin.set_loaded(state.clone(), pac_proxy);
     let transparent_addrs = format!("{},{}", addr_list(&transparent_tls), addr_list(&transparent_http));
     for l in proxy_listeners {
         listeners.push(tokio::spawn(proxy::serve(proxy.clone(), l)));

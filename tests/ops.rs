@@ -1114,3 +1114,56 @@ async fn admin_endpoints() {
     })
     .await
 }
+
+/// `/readyz` is 503 while the policy is still compiling (a large hosts file), then 200 once
+/// every listener is bound. The admin listener comes up first and logs `"event":"admin"`.
+#[test]
+fn readyz_503_while_policy_loads() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rules")).unwrap();
+    let mut big = String::with_capacity(12_000_000);
+    for i in 0..200_000u32 {
+        big.push_str(&format!("host-{i}.bulk-{}.example\n", i % 1000));
+    }
+    std::fs::write(dir.path().join("rules/big.txt"), big).unwrap();
+    std::fs::write(dir.path().join("rules/r.toml"), "[[rule]]\nname = \"big\"\nhosts_files = [\"big.txt\"]\n").unwrap();
+    let main = "[proxy]\nlisten = [\"127.0.0.1:0\"]\n[dns]\nlisten = [\"127.0.0.1:0\"]\nupstreams = [\"127.0.0.1:9\"]\n\
+                [admin]\nlisten = \"127.0.0.1:0\"\n[policy]\nfiles = [\"rules/*.toml\"]\n";
+    std::fs::write(dir.path().join("egressd.toml"), main).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_egressd"))
+        .args(["run", "--config", &dir.path().join("egressd.toml").display().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let get = |addr: &str| -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.lines().next().unwrap_or_default().to_string()
+    };
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut admin = None;
+    let mut early = None;
+    while std::time::Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["event"] == "admin" {
+            let a = v["admin_listen"].as_str().unwrap().to_string();
+            early = Some(get(&a));
+            admin = Some(a);
+        }
+        if v["event"] == "start" {
+            break;
+        }
+    }
+    let admin = admin.expect("an early admin line");
+    let late = get(&admin);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(early.as_deref().is_some_and(|l| l.contains(" 503 ")), "while loading: {early:?}");
+    assert!(late.contains(" 200 "), "after start: {late}");
+}

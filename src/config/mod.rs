@@ -278,22 +278,7 @@ pub struct Loaded {
 /// compiles the policy. Any error refuses the whole config.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let mut diags = Diagnostics::default();
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            diags.file(path, format!("cannot read config: {e}"));
-            return Err(ConfigError(diags.0));
-        }
-    };
-    let src = Source::new(path.to_path_buf(), text);
-    let raw: raw::RawConfig = match toml::from_str(&src.text) {
-        Ok(r) => r,
-        Err(e) => {
-            diags.0.push(toml_diag(&src, &e));
-            return Err(ConfigError(diags.0));
-        }
-    };
-    let config = validate::config(&src, raw, &mut diags);
+    let (src, config) = read_main(path, &mut diags)?;
     let mut sources = vec![SourceFile {
         path: path.to_path_buf(),
         kind: SourceKind::Main,
@@ -310,6 +295,36 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let built = built.ok_or_else(|| ConfigError(Vec::new()))?;
     sources.extend(built.sources);
     Ok(Loaded { config, policy: built.policy, sources, shared_names: built.shared, notes: built.notes })
+}
+
+/// Reads and validates the main config file alone (no rule files): `run` uses it to bring up
+/// the admin listener — answering `/readyz` with 503 — before the policy is compiled.
+pub fn load_main(path: &Path) -> Result<Config, ConfigError> {
+    let mut diags = Diagnostics::default();
+    match read_main(path, &mut diags)? {
+        (_, Some(config)) if diags.0.is_empty() => Ok(config),
+        _ => Err(ConfigError(diags.0)),
+    }
+}
+
+fn read_main(path: &Path, diags: &mut Diagnostics) -> Result<(Source, Option<Config>), ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            diags.file(path, format!("cannot read config: {e}"));
+            return Err(ConfigError(std::mem::take(&mut diags.0)));
+        }
+    };
+    let src = Source::new(path.to_path_buf(), text);
+    let raw: raw::RawConfig = match toml::from_str(&src.text) {
+        Ok(r) => r,
+        Err(e) => {
+            diags.0.push(toml_diag(&src, &e));
+            return Err(ConfigError(std::mem::take(&mut diags.0)));
+        }
+    };
+    let config = validate::config(&src, raw, diags);
+    Ok((src, config))
 }
 
 /// A TOML syntax or shape error as a diagnostic, naming the key where the parser knows it.
