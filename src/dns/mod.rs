@@ -74,7 +74,7 @@ pub async fn serve_udp(fw: Arc<Firewall>, sock: UdpSocket) {
         let packet = buf[..n].to_vec();
         let (fw, sock) = (fw.clone(), sock.clone());
         tokio::spawn(async move {
-            if let Some(reply) = fw.handle(&packet, peer.ip(), Transport::Udp).await {
+            if let Some(reply) = fw.handle(&packet, peer.ip().to_canonical(), Transport::Udp).await {
                 let _ = sock.send_to(&reply, peer).await;
             }
             drop(permit);
@@ -151,7 +151,7 @@ async fn tcp_conn(fw: &Firewall, mut stream: TcpStream, peer: SocketAddr, last: 
             _ => return,
         }
         last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let Some(reply) = fw.handle(&msg, peer.ip(), Transport::Tcp).await else { continue };
+        let Some(reply) = fw.handle(&msg, peer.ip().to_canonical(), Transport::Tcp).await else { continue };
         let Ok(rlen) = u16::try_from(reply.len()) else { return };
         let mut out = Vec::with_capacity(reply.len() + 2);
         out.extend_from_slice(&rlen.to_be_bytes());

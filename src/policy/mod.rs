@@ -184,7 +184,8 @@ impl Rule {
             return true;
         }
         match client {
-            Some(ip) => self.clients.contains(ip),
+            // An IPv4 client seen through a dual-stack socket is still that IPv4 client.
+            Some(ip) => self.clients.contains(ip.to_canonical()),
             None => self.action == Action::Deny,
         }
     }
