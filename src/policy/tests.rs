@@ -131,6 +131,7 @@ cases! {
     method_refused: "ro.example.com", Some(80), None, Some("POST") => (Deny, "ro", Method);
     method_case_insensitive: "ro.example.com", Some(80), None, Some("head") => (Allow, "ro", Rule);
     client_scoped_rule_for_its_client: "lab.example.com", Some(443), Some("10.1.2.3"), None => (Allow, "lab-only", Rule);
+    client_scoped_rule_mapped_client: "lab.example.com", Some(443), Some("::ffff:10.1.2.3"), None => (Allow, "lab-only", Rule);
     client_scoped_rule_other_client: "lab.example.com", Some(443), Some("10.2.0.1"), None => (Deny, "default", Default);
     client_scoped_rule_unknown_client: "lab.example.com", Some(443), None, None => (Deny, "default", Default);
     alert_rule_permits_and_flags: "watched.example.com", Some(443), None, None => (Alert, "watch", Rule);
