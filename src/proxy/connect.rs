@@ -122,7 +122,15 @@ pub(super) async fn handle(
         return refuse(&id, conn.client, (&host_str, Some(port)), status_for(d.reason), &rule, d);
     }
     let cfg = &snap.config.proxy;
-    let (upstream, ip) = match dial::dial(&proxy.resolver, policy.guard(), &host, port, cfg.connect_timeout).await {
+    let (upstream, ip) = match dial::dial(
+        &proxy.resolver,
+        dial::Asker { policy, client: conn.client, inspect_cnames: snap.config.dns.inspect_cnames },
+        &host,
+        port,
+        cfg.connect_timeout,
+    )
+    .await
+    {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(error = %e, host = %host_str, "Upstream dial failed");

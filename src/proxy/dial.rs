@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use tokio::net::TcpStream;
 
-use crate::policy::Reason;
-use crate::policy::guard::Guard;
-use crate::policy::name::Host;
+use crate::policy::name::{Host, normalize_name};
+use crate::policy::{Facts, Policy, Reason, Surface};
 use crate::resolve::{ResolveError, Resolver};
 
 /// Why no upstream connection was made.
@@ -28,13 +27,16 @@ pub enum DialError {
     Connect(io::Error),
     #[error("connect timed out")]
     Timeout,
+    /// The name resolves through a CNAME the policy denies (`inspect_cnames`).
+    #[error("the answer's CNAME chain passes through {alias}, which the policy denies")]
+    Cname { alias: String, rule: Option<crate::policy::RuleId> },
 }
 
 impl DialError {
     /// The status the client sees.
     pub fn status(&self) -> StatusCode {
         match self {
-            DialError::Guard => StatusCode::FORBIDDEN,
+            DialError::Guard | DialError::Cname { .. } => StatusCode::FORBIDDEN,
             DialError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             DialError::Resolve(_) | DialError::Connect(_) => StatusCode::BAD_GATEWAY,
         }
@@ -44,17 +46,53 @@ impl DialError {
     pub fn reason(&self) -> Reason {
         match self {
             DialError::Guard => Reason::Guard,
+            DialError::Cname { .. } => Reason::Cname,
             _ => Reason::Upstream,
         }
     }
 }
 
-/// Addresses for `host` that the guard permits, in resolver order.
-pub async fn checked_addrs(resolver: &Resolver, guard: &Guard, host: &Host) -> Result<Vec<IpAddr>, DialError> {
+/// Who is asking, for the checks a resolved name must pass.
+#[derive(Clone, Copy)]
+pub struct Asker<'a> {
+    pub policy: &'a Policy,
+    pub client: IpAddr,
+    /// Hold CNAME targets to the policy (`dns.inspect_cnames`), as the DNS firewall does.
+    pub inspect_cnames: bool,
+}
+
+/// Addresses for `host` that the guard permits, in resolver order. With `inspect_cnames`,
+/// every CNAME target the answer passed through must itself be allowed — the same cloaking
+/// check the DNS firewall applies, so a name cannot lead the proxy where the policy denies.
+pub async fn checked_addrs(resolver: &Resolver, asker: Asker<'_>, host: &Host) -> Result<Vec<IpAddr>, DialError> {
     let addrs = match host {
         Host::Ip(ip) => vec![*ip],
-        Host::Name(name) => resolver.lookup_ip(name).await?,
+        Host::Name(name) => {
+            let resolved = resolver.lookup(name).await?;
+            if asker.inspect_cnames {
+                for alias in &resolved.aliases {
+                    let target = match normalize_name(alias) {
+                        Ok(n) => Host::Name(n),
+                        Err(_) => return Err(DialError::Cname { alias: alias.clone(), rule: None }),
+                    };
+                    let facts = Facts {
+                        host: &target,
+                        port: None,
+                        client: Some(asker.client),
+                        method: None,
+                        body_len: None,
+                        surface: Surface::Proxy,
+                    };
+                    let d = asker.policy.decide(&facts);
+                    if !d.action.permits() {
+                        return Err(DialError::Cname { alias: alias.clone(), rule: d.rule });
+                    }
+                }
+            }
+            resolved.addrs
+        }
     };
+    let guard = asker.policy.guard();
     let permitted: Vec<IpAddr> = addrs.into_iter().filter(|a| guard.permits(*a)).collect();
     if permitted.is_empty() {
         return Err(DialError::Guard);
@@ -93,13 +131,13 @@ async fn connect_first(addrs: &[IpAddr], port: u16, timeout: Duration) -> Result
 /// Resolves, guards and connects.
 pub async fn dial(
     resolver: &Resolver,
-    guard: &Guard,
+    asker: Asker<'_>,
     host: &Host,
     port: u16,
     timeout: Duration,
 ) -> Result<(TcpStream, IpAddr), DialError> {
     let started = Instant::now();
     let addrs =
-        tokio::time::timeout(timeout, checked_addrs(resolver, guard, host)).await.map_err(|_| DialError::Timeout)??;
+        tokio::time::timeout(timeout, checked_addrs(resolver, asker, host)).await.map_err(|_| DialError::Timeout)??;
     connect_any(&addrs, port, timeout.saturating_sub(started.elapsed())).await
 }

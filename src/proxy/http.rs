@@ -254,7 +254,16 @@ pub(super) async fn handle(
         Some(p) => p,
         None => {
             let dialed = match mode {
-                Mode::Explicit => dial::dial(&proxy.resolver, policy.guard(), &host, port, cfg.connect_timeout).await,
+                Mode::Explicit => {
+                    dial::dial(
+                        &proxy.resolver,
+                        dial::Asker { policy, client: conn.client, inspect_cnames: snap.config.dns.inspect_cnames },
+                        &host,
+                        port,
+                        cfg.connect_timeout,
+                    )
+                    .await
+                }
                 Mode::Transparent { orig } => {
                     if let Err(reason) =
                         super::transparent::verify_destination(&proxy, &snap, &decision, &host, orig).await
@@ -369,7 +378,7 @@ pub(crate) fn target(uri: &Uri) -> Result<(Host, u16), StatusCode> {
 
 /// The destination of a transparently redirected request: the `Host` header, on the original
 /// destination's port (a `Host` naming another port is refused: the connection goes to `orig`).
-fn transparent_target<B>(req: &Request<B>, orig: std::net::SocketAddr) -> Result<(Host, u16), StatusCode> {
+pub(crate) fn transparent_target<B>(req: &Request<B>, orig: std::net::SocketAddr) -> Result<(Host, u16), StatusCode> {
     if req.uri().authority().is_some() {
         // Absolute-form to a transparent port: decide on nothing the client did not route.
         return Err(StatusCode::BAD_REQUEST);

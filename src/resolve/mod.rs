@@ -50,7 +50,8 @@ pub struct Resolver {
 
 /// What one A or AAAA query established.
 enum Outcome {
-    Addresses(Vec<IpAddr>),
+    /// Addresses, and the CNAME targets the answer went through to reach them.
+    Addresses(Vec<IpAddr>, Vec<String>),
     /// NOERROR without addresses of this type.
     NoData,
     NxDomain,
@@ -124,8 +125,19 @@ impl Resolver {
     /// failed (and none said NXDOMAIN), the failure is returned — the name may well have
     /// addresses we could not learn.
     pub async fn lookup_ip(&self, name: &Name) -> Result<Vec<IpAddr>, ResolveError> {
+        self.lookup(name).await.map(|r| r.addrs)
+    }
+
+    /// As [`Resolver::lookup_ip`], with the CNAME targets (lowercase, no trailing dot) that
+    /// the answers passed through, so the proxy can hold them to the policy as the DNS
+    /// firewall does.
+    pub async fn lookup(&self, name: &Name) -> Result<Resolved, ResolveError> {
         if let Some(addrs) = self.static_hosts(name) {
-            return if addrs.is_empty() { Err(ResolveError::NotFound) } else { Ok(addrs.to_vec()) };
+            return if addrs.is_empty() {
+                Err(ResolveError::NotFound)
+            } else {
+                Ok(Resolved { addrs: addrs.to_vec(), aliases: Vec::new() })
+            };
         }
         let qname = dns_name(name)?;
         let (v4, v6) = tokio::join!(
@@ -140,7 +152,12 @@ impl Resolver {
         match response.response_code {
             ResponseCode::NoError => {
                 let addrs = answer_addresses(&response, qname, rtype);
-                Ok(if addrs.is_empty() { Outcome::NoData } else { Outcome::Addresses(addrs) })
+                let aliases = cname_chain(&response.answers, qname)
+                    .iter()
+                    .skip(1)
+                    .map(|n| n.to_ascii().trim_end_matches('.').to_ascii_lowercase())
+                    .collect();
+                Ok(if addrs.is_empty() { Outcome::NoData } else { Outcome::Addresses(addrs, aliases) })
             }
             ResponseCode::NXDomain => Ok(Outcome::NxDomain),
             other => Err(UpstreamError::Rcode(other)),
@@ -157,19 +174,28 @@ fn hosts_table(hosts: Vec<(Name, Vec<IpAddr>)>) -> HashMap<Name, Arc<[IpAddr]>> 
     table
 }
 
+/// A name's addresses and the CNAME targets passed through to reach them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    pub addrs: Vec<IpAddr>,
+    pub aliases: Vec<String>,
+}
+
 /// The A and AAAA outcomes as one result (see [`Resolver::lookup_ip`]).
-fn combine(
-    v4: Result<Outcome, UpstreamError>,
-    v6: Result<Outcome, UpstreamError>,
-) -> Result<Vec<IpAddr>, ResolveError> {
-    let mut addrs = Vec::new();
+fn combine(v4: Result<Outcome, UpstreamError>, v6: Result<Outcome, UpstreamError>) -> Result<Resolved, ResolveError> {
+    let mut out = Resolved::default();
     for outcome in [&v4, &v6] {
-        if let Ok(Outcome::Addresses(a)) = outcome {
-            addrs.extend_from_slice(a);
+        if let Ok(Outcome::Addresses(a, aliases)) = outcome {
+            out.addrs.extend_from_slice(a);
+            for alias in aliases {
+                if !out.aliases.contains(alias) {
+                    out.aliases.push(alias.clone());
+                }
+            }
         }
     }
-    if !addrs.is_empty() {
-        return Ok(addrs);
+    if !out.addrs.is_empty() {
+        return Ok(out);
     }
     match (v4, v6) {
         (Ok(Outcome::NxDomain), _) | (_, Ok(Outcome::NxDomain)) => Err(ResolveError::NotFound),
@@ -190,21 +216,7 @@ fn dns_name(name: &Name) -> Result<DnsName, UpstreamError> {
 /// Records for any other owner are ignored however the upstream labelled them.
 fn answer_addresses(response: &Message, qname: &DnsName, rtype: RecordType) -> Vec<IpAddr> {
     let answers = &response.answers;
-    let mut chain: Vec<&DnsName> = vec![qname];
-    let mut current = qname;
-    for _ in 0..MAX_CNAME_HOPS {
-        let next = answers.iter().find_map(|r| match &r.data {
-            RData::CNAME(target) if r.dns_class == DNSClass::IN && r.name.eq_ignore_root(current) => Some(&target.0),
-            _ => None,
-        });
-        match next {
-            Some(target) if !chain.iter().any(|n| n.eq_ignore_root(target)) => {
-                chain.push(target);
-                current = target;
-            }
-            _ => break,
-        }
-    }
+    let chain = cname_chain(answers, qname);
 
     let mut out: Vec<IpAddr> = Vec::new();
     for record in answers {
@@ -221,6 +233,27 @@ fn answer_addresses(response: &Message, qname: &DnsName, rtype: RecordType) -> V
         }
     }
     out
+}
+
+/// `qname` and the names its CNAMEs lead to within `answers` (at most [`MAX_CNAME_HOPS`]
+/// links, loops cut), in order.
+fn cname_chain<'a>(answers: &'a [hickory_proto::rr::Record], qname: &'a DnsName) -> Vec<&'a DnsName> {
+    let mut chain: Vec<&DnsName> = vec![qname];
+    let mut current = qname;
+    for _ in 0..MAX_CNAME_HOPS {
+        let next = answers.iter().find_map(|r| match &r.data {
+            RData::CNAME(target) if r.dns_class == DNSClass::IN && r.name.eq_ignore_root(current) => Some(&target.0),
+            _ => None,
+        });
+        match next {
+            Some(target) if !chain.iter().any(|n| n.eq_ignore_root(target)) => {
+                chain.push(target);
+                current = target;
+            }
+            _ => break,
+        }
+    }
+    chain
 }
 
 #[cfg(test)]
