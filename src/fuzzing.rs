@@ -7,7 +7,7 @@
 //! used by the appliance itself.
 
 use std::cmp::Reverse;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -372,7 +372,8 @@ pub fn name_matcher(data: &[u8]) {
             b.add_pattern(id, p);
         }
     }
-    let guard = Guard::special_purpose(Vec::new());
+    static GUARD: std::sync::OnceLock<Guard> = std::sync::OnceLock::new();
+    let guard = GUARD.get_or_init(|| Guard::special_purpose(Vec::new()));
     let default = [DefaultAction::Deny, DefaultAction::Allow, DefaultAction::Alert][data.len() % 3];
     let (policy, _) = b.build(guard.clone(), default);
 
@@ -383,7 +384,7 @@ pub fn name_matcher(data: &[u8]) {
         for flip in [0u8, 0x40] {
             let facts = ref_facts(ctl ^ flip, host);
             let got = policy.decide(&facts);
-            let want = ref_decide(&rules, &guard, default, &facts);
+            let want = ref_decide(&rules, guard, default, &facts);
             assert_eq!(got, want, "decision differs for {host} ({facts:?})");
         }
     }
@@ -570,7 +571,7 @@ fn check_load(main_path: &Path, dir: &Path) {
 /// bytes it covers alone; feeding the same bytes split (at the point the first two bytes of the
 /// input choose) or in chunks never gives another answer than feeding them whole.
 pub fn client_hello(data: &[u8]) {
-    use crate::proxy::sni::{MAX_HELLO_BYTES, Parse, parse};
+    use crate::proxy::sni::{HelloError, MAX_HELLO_BYTES, Parse, parse};
     let (sel, stream) = match data {
         [a, b, rest @ ..] => (usize::from(u16::from_be_bytes([*a, *b])), rest),
         _ => (0, data),
@@ -590,9 +591,21 @@ pub fn client_hello(data: &[u8]) {
         Ok(Parse::Incomplete) => assert!(stream.len() < MAX_HELLO_BYTES, "Incomplete at {} bytes", stream.len()),
         Err(_) => {}
     }
+    // What the tunnel acts on (`connect::read_opening`): a finished ClientHello (all of it),
+    // "not TLS" (which `tunnel_non_tls` may let through), or refused (malformed or too large).
+    // Which violation a refused stream is reported for may depend on how much of it has
+    // arrived (each is reported as soon as the bytes prove it: the record layer is walked
+    // before the body is read); whether it is refused may not.
+    let class = |r: Result<Parse, HelloError>| {
+        r.map_err(|e| match e {
+            HelloError::NotTls => HelloError::NotTls,
+            HelloError::Malformed(_) | HelloError::TooLarge => HelloError::Malformed("refused"),
+        })
+    };
+    let whole = class(whole);
     // One split point.
     let split = sel % (stream.len() + 1);
-    let first = parse(&stream[..split]);
+    let first = class(parse(&stream[..split]));
     if first != Ok(Parse::Incomplete) {
         assert_eq!(first, whole, "split at {split} of {} gave another result", stream.len());
     }
@@ -602,7 +615,7 @@ pub fn client_hello(data: &[u8]) {
     let mut decided = Ok(Parse::Incomplete);
     while end < stream.len() {
         end = (end + chunk).min(stream.len());
-        decided = parse(&stream[..end]);
+        decided = class(parse(&stream[..end]));
         if decided != Ok(Parse::Incomplete) {
             break;
         }
@@ -639,6 +652,18 @@ fn check_request_head(parts: &::http::request::Parts) {
             check_authority(a.as_str());
         }
         return;
+    }
+    // A transparent listener decides on the one `Host` header, on the original port only.
+    let req = ::http::Request::from_parts(parts.clone(), ());
+    for orig in [SocketAddr::from(([203, 0, 113, 5], 80)), SocketAddr::from(([203, 0, 113, 5], 8443))] {
+        if let Ok((host, port)) = crate::proxy::transparent_target(&req, orig) {
+            assert_eq!(port, orig.port(), "transparent request sent to another port");
+            assert!(parts.uri.authority().is_none());
+            assert_eq!(parts.headers.get_all(::http::header::HOST).iter().count(), 1);
+            let value = parts.headers.get(::http::header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            let Some((named, _)) = check_authority(value) else { panic!("transparent target from Host {value:?}") };
+            assert_eq!(named, host, "transparent target is not the Host header's host");
+        }
     }
     let Ok((host, port)) = crate::proxy::absolute_target(&parts.uri) else { return };
     let authority = parts.uri.authority().map(|a| a.as_str()).unwrap_or_default();

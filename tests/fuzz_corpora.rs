@@ -21,7 +21,12 @@ fn replay(target: &str, check: fn(&[u8])) {
     assert!(!files.is_empty(), "no corpus for fuzz target {target}");
     let mut failed = Vec::new();
     for path in &files {
-        let data = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let data = match std::fs::read(path) {
+            Ok(d) => d,
+            // A fuzzer running on the same corpus may have just replaced the file.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("{}: {e}", path.display()),
+        };
         if catch_unwind(AssertUnwindSafe(|| check(&data))).is_err() {
             failed.push(path.display().to_string());
         }

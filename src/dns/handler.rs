@@ -407,7 +407,15 @@ pub(crate) fn encode(mut resp: Message, limit: usize) -> Option<Vec<u8>> {
             return Some(wire);
         }
     }
-    let truncated = resp.truncate();
+    let mut truncated = resp.truncate();
+    let wire = truncated.to_vec().ok()?;
+    if wire.len() <= limit {
+        return Some(wire);
+    }
+    // Even the question section does not fit (several long questions in a refused query):
+    // the header alone, with TC, so the client retries over TCP.
+    truncated.queries.clear();
+    truncated.edns = None;
     truncated.to_vec().ok()
 }
 

@@ -18,7 +18,7 @@ pub mod tunnels;
 /// The request-head handling the proxy does itself, for the fuzzers (`crate::fuzzing`).
 #[doc(hidden)]
 pub use http::strip_hop_by_hop;
-pub(crate) use http::{head_size, host_header, target as absolute_target};
+pub(crate) use http::{head_size, host_header, target as absolute_target, transparent_target};
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
