@@ -233,12 +233,16 @@ fn formerr_from_header(packet: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// A response skeleton: id, question, RD echoed, RA set, and EDNS when the client used it.
+/// The question is echoed only when there is exactly one: the FORMERR for a message with many
+/// questions must not echo them all (it would outgrow the UDP limit even when truncated).
 pub(crate) fn base_response(query: &Message) -> Message {
     let mut resp = Message::response(query.metadata.id, query.metadata.op_code);
     resp.metadata.recursion_desired = query.metadata.recursion_desired;
     resp.metadata.recursion_available = true;
     resp.metadata.checking_disabled = query.metadata.checking_disabled;
-    resp.add_queries(query.queries.iter().cloned());
+    if let [q] = query.queries.as_slice() {
+        resp.add_query(q.clone());
+    }
     if let Some(q) = &query.edns {
         let mut edns = Edns::new();
         edns.set_max_payload(MAX_UDP as u16);
@@ -422,6 +426,24 @@ pub(crate) fn encode(mut resp: Message, limit: usize) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formerr_for_many_questions_fits_udp() {
+        // Found by the dns_message fuzzer: 32 questions echoed in a FORMERR made a 1241-byte
+        // UDP reply even after truncation.
+        let mut query = Message::query();
+        query.metadata.id = 7;
+        for i in 0..40 {
+            let name = DnsName::from_ascii(format!("{}.example.org.", "a".repeat(20 + i))).unwrap();
+            query.add_query(Query::query(name, RecordType::A));
+        }
+        let packet = query.to_vec().unwrap();
+        let Precheck::Reply(Some(reply)) = check_query(&packet, Transport::Udp) else { panic!("no FORMERR") };
+        assert!(reply.len() <= PLAIN_UDP, "{} bytes", reply.len());
+        let reply = Message::from_vec(&reply).unwrap();
+        assert_eq!((reply.metadata.id, reply.metadata.response_code), (7, ResponseCode::FormErr));
+        assert!(reply.queries.is_empty());
+    }
 
     #[test]
     fn formerr_from_header_only_for_queries() {
