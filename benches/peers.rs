@@ -261,9 +261,11 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
 fn lat_summary(mut lat: Vec<u32>) -> String {
     lat.sort_unstable();
     format!(
-        "p50_ms={:.3} p99_ms={:.3} max_ms={:.3} samples={}",
+        "p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} p999_ms={:.3} max_ms={:.3} samples={}",
         pct(&lat, 0.5),
+        pct(&lat, 0.9),
         pct(&lat, 0.99),
+        pct(&lat, 0.999),
         pct(&lat, 1.0),
         lat.len()
     )
