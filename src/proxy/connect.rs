@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -154,16 +153,19 @@ pub(super) async fn handle(
         // Holding `conn` keeps its connection-limit permit for the tunnel's life.
         let _conn = conn;
         let _active = crate::telemetry::metrics().track_connection(crate::telemetry::Kind::Connect);
-        let client = match on_upgrade.await {
-            Ok(u) => TokioIo::new(u),
+        let upgraded = match on_upgrade.await {
+            Ok(u) => super::client_socket(u),
             Err(e) => {
                 tracing::debug!(error = %e, "CONNECT upgrade failed");
-                tunnel.emit(tunnel.decision.denied_for(Reason::Malformed), 0, 0);
-                return;
+                None
             }
         };
+        let Some((client, early)) = upgraded else {
+            tunnel.emit(tunnel.decision.denied_for(Reason::Malformed), 0, 0);
+            return;
+        };
         let limits = TunnelLimits { header_timeout, idle, upload: limit, require_sni, non_tls_ok };
-        run_tunnel(tunnel, client, upstream, limits, &proxy.budgets, &registration.cancel).await;
+        run_tunnel(tunnel, (client, early), upstream, limits, &proxy.budgets, &registration.cancel).await;
     });
     let mut resp = Response::new(respond::empty());
     *resp.status_mut() = StatusCode::OK;
@@ -177,9 +179,9 @@ pub(super) enum Opening {
     Bad,
 }
 
-/// Reads until the buffered bytes hold a complete ClientHello, or show they are not one.
+/// Reads until the buffered bytes hold a complete ClientHello, or show they are not one. The
+/// bytes are read straight into `buf`, so nothing of this stays in a tunnel's task afterwards.
 pub(super) async fn read_opening<R: AsyncRead + Unpin>(client: &mut R, buf: &mut Vec<u8>) -> Opening {
-    let mut chunk = [0u8; 4096];
     loop {
         match sni::parse(buf) {
             Ok(Parse::Done(hello)) => return Opening::Hello(hello.sni),
@@ -187,9 +189,10 @@ pub(super) async fn read_opening<R: AsyncRead + Unpin>(client: &mut R, buf: &mut
             Err(HelloError::NotTls) => return Opening::NotTls,
             Err(_) => return Opening::Bad,
         }
-        match client.read(&mut chunk).await {
+        buf.reserve(4096);
+        match client.read_buf(buf).await {
             Ok(0) | Err(_) => return Opening::Bad,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(_) => {}
         }
     }
 }
@@ -214,18 +217,19 @@ struct TunnelLimits {
     non_tls_ok: bool,
 }
 
-async fn run_tunnel<C>(
+/// Runs an accepted tunnel: `early` holds client bytes that arrived with the CONNECT request.
+async fn run_tunnel(
     tunnel: Tunnel,
-    mut client: C,
+    (mut client, early): (TcpStream, bytes::Bytes),
     mut upstream: TcpStream,
     limits: TunnelLimits,
     budgets: &Budgets,
     cancel: &Notify,
-) where
-    C: AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+) {
     let TunnelLimits { header_timeout, idle, upload: limit, require_sni, non_tls_ok } = limits;
-    let mut buf = Vec::with_capacity(2048);
+    let mut buf = Vec::with_capacity(early.len().max(2048));
+    buf.extend_from_slice(&early);
+    drop(early);
     let opening = tokio::time::timeout(header_timeout, read_opening(&mut client, &mut buf)).await;
     let refused = match opening {
         Err(_) | Ok(Opening::Bad) => Some(Reason::NotTls),
@@ -254,8 +258,9 @@ async fn run_tunnel<C>(
         tunnel.emit(tunnel.decision.denied_for(Reason::Upstream), 0, 0);
         return;
     }
+    drop(buf);
     let upload = UploadLimits { cap: limit, budget: Some((budgets, tunnel.client)) };
-    let out = relay(client, upstream, replayed, upload, idle, cancel).await;
+    let out = relay(&mut client, &mut upstream, replayed, upload, idle, cancel).await;
     let decision = match out.end {
         RelayEnd::UploadBudget => tunnel.decision.denied_for(Reason::UploadBudget),
         RelayEnd::UploadLimit => tunnel.decision.denied_for(Reason::UploadLimit),

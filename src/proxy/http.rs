@@ -324,14 +324,38 @@ pub(super) async fn handle(
         let registration = proxy.tunnels.register(host.clone(), port, conn.client);
         let relay_proxy = proxy.clone();
         tokio::spawn(async move {
-            let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) else {
+            let sockets = match (client_upgrade.await, upstream_upgrade.await) {
+                (Ok(c), Ok(u)) => super::client_socket(c).zip(super::upstream_socket(u)),
+                _ => None,
+            };
+            let Some(((mut client, client_early), (mut upstream, upstream_early))) = sockets else {
                 audit.emit(0);
                 return;
             };
-            let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            let upload =
-                super::relay::UploadLimits { cap: upload_cap, budget: Some((&relay_proxy.budgets, audit.client)) };
-            let out = super::relay::relay(client, upstream, 0, upload, idle, &registration.cancel).await;
+            let budget = Some((&relay_proxy.budgets, audit.client));
+            let upload = super::relay::UploadLimits { cap: upload_cap, budget };
+            // Bytes hyper read past each head go first, the client's under the same limits.
+            let early_up = client_early.len() as u64;
+            if upload_cap.is_some_and(|cap| early_up > cap) {
+                audit.decision = audit.decision.denied_for(Reason::UploadLimit);
+                audit.emit(0);
+                return;
+            }
+            if !relay_proxy.budgets.try_spend(audit.client, early_up, std::time::Instant::now()) {
+                audit.decision = audit.decision.denied_for(Reason::UploadBudget);
+                audit.emit(0);
+                return;
+            }
+            use tokio::io::AsyncWriteExt;
+            if upstream.write_all(&client_early).await.is_err() || client.write_all(&upstream_early).await.is_err() {
+                audit.emit(0);
+                return;
+            }
+            let early_down = upstream_early.len() as u64;
+            drop((client_early, upstream_early));
+            let mut out =
+                super::relay::relay(&mut client, &mut upstream, early_up, upload, idle, &registration.cancel).await;
+            out.down += early_down;
             audit_conn.uploaded.fetch_add(out.up, Ordering::Relaxed);
             audit.bytes_up += out.up;
             match out.end {

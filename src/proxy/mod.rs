@@ -266,6 +266,21 @@ struct Tracked {
     activity: Arc<Activity>,
 }
 
+/// The client's socket back out of a hyper upgrade (CONNECT, WebSocket), with the bytes hyper
+/// had already read past the request head. `None` only if the upgrade is not over a client
+/// connection served by [`serve_conn`], which cannot happen; callers refuse then.
+pub(super) fn client_socket(upgraded: hyper::upgrade::Upgraded) -> Option<(TcpStream, bytes::Bytes)> {
+    let parts = upgraded.downcast::<TokioIo<Tracked>>().ok()?;
+    Some((parts.io.into_inner().inner, parts.read_buf))
+}
+
+/// The upstream's socket back out of a hyper client upgrade (WebSocket), with the bytes hyper
+/// had already read past the response head.
+pub(super) fn upstream_socket(upgraded: hyper::upgrade::Upgraded) -> Option<(TcpStream, bytes::Bytes)> {
+    let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
+    Some((parts.io.into_inner(), parts.read_buf))
+}
+
 impl AsyncRead for Tracked {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();

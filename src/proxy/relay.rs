@@ -1,11 +1,12 @@
 //! Byte relay between a client and an upstream, for CONNECT tunnels and upgraded HTTP
 //! connections: counts bytes both ways, enforces the client→server cap, closes idle tunnels.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::sync::Notify;
 
 use super::budget::Budgets;
@@ -43,6 +44,7 @@ pub struct RelayOutcome {
     pub end: RelayEnd,
 }
 
+/// Read buffer of a busy direction. An idle direction holds none (see [`pump`]).
 const BUF: usize = 32 * 1024;
 
 struct Shared {
@@ -66,29 +68,41 @@ impl Shared {
 
 /// Copies one direction. `limits.cap` bounds the total including bytes sent before the relay
 /// started; `limits.budget` is charged for every chunk before it is forwarded.
-async fn pump<R, W>(
-    mut from: R,
-    mut to: W,
+///
+/// The read buffer exists only while bytes are flowing: the pump waits for readiness holding
+/// none, and gives it back as soon as the socket is drained, so ten thousand idle tunnels cost
+/// no relay buffers at all.
+async fn pump(
+    from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
     counter: &AtomicU64,
     limits: UploadLimits<'_>,
     shared: &Shared,
     idle: Duration,
-) -> RelayEnd
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUF];
+) -> RelayEnd {
+    let mut buf: Vec<u8> = Vec::new();
     loop {
-        let n = match tokio::time::timeout(idle, from.read(&mut buf)).await {
-            Err(_) if shared.idle_for() >= idle => return RelayEnd::Idle,
-            Err(_) => continue,
-            Ok(Err(_)) => return RelayEnd::Error,
-            Ok(Ok(0)) => {
+        if buf.capacity() == 0 {
+            match tokio::time::timeout(idle, from.readable()).await {
+                Err(_) if shared.idle_for() >= idle => return RelayEnd::Idle,
+                Err(_) => continue,
+                Ok(Err(_)) => return RelayEnd::Error,
+                Ok(Ok(())) => buf.reserve_exact(BUF),
+            }
+        }
+        buf.clear();
+        let n = match from.try_read_buf(&mut buf) {
+            Ok(0) => {
                 let _ = to.shutdown().await;
                 return RelayEnd::Closed;
             }
-            Ok(Ok(n)) => n,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                buf = Vec::new();
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return RelayEnd::Error,
         };
         let sent = counter.load(Ordering::Relaxed);
         if limits.cap.is_some_and(|cap| sent + n as u64 > cap) {
@@ -107,29 +121,25 @@ where
     }
 }
 
-/// Relays until both directions close, the cap is hit, the tunnel idles out, an error, or
-/// `cancel` is notified. `already_up` counts client bytes forwarded before the relay (a
-/// replayed ClientHello).
-pub async fn relay<C, U>(
-    client: C,
-    upstream: U,
+/// Relays between two sockets until both directions close, the cap is hit, the tunnel idles
+/// out, an error, or `cancel` is notified. `already_up` counts client bytes forwarded before the
+/// relay (a replayed ClientHello).
+pub async fn relay(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
     already_up: u64,
     limits: UploadLimits<'_>,
     idle: Duration,
     cancel: &Notify,
-) -> RelayOutcome
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let shared = Arc::new(Shared {
+) -> RelayOutcome {
+    let shared = Shared {
         start: Instant::now(),
         last: AtomicU64::new(0),
         up: AtomicU64::new(already_up),
         down: AtomicU64::new(0),
-    });
-    let (cr, cw) = tokio::io::split(client);
-    let (ur, uw) = tokio::io::split(upstream);
+    };
+    let (cr, cw) = client.split();
+    let (ur, uw) = upstream.split();
     let up = pump(cr, uw, &shared.up, limits, &shared, idle);
     let down = pump(ur, cw, &shared.down, UploadLimits::default(), &shared, idle);
     tokio::pin!(up, down);
@@ -152,14 +162,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::duplex;
+    use tokio::io::AsyncReadExt;
+
+    /// A connected loopback pair: (the end egressd holds, the peer's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        (ours, peer)
+    }
 
     #[tokio::test]
     async fn relays_both_ways_and_counts() {
-        let (client, mut client_peer) = duplex(1024);
-        let (upstream, mut upstream_peer) = duplex(1024);
+        let (mut client, mut client_peer) = pair().await;
+        let (mut upstream, mut upstream_peer) = pair().await;
         let task = tokio::spawn(async move {
-            relay(client, upstream, 0, UploadLimits::default(), Duration::from_secs(5), &Notify::new()).await
+            relay(&mut client, &mut upstream, 0, UploadLimits::default(), Duration::from_secs(5), &Notify::new()).await
         });
         client_peer.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
@@ -176,12 +194,12 @@ mod tests {
 
     #[tokio::test]
     async fn cap_stops_before_forwarding_excess() {
-        let (client, mut client_peer) = duplex(1 << 16);
-        let (upstream, mut upstream_peer) = duplex(1 << 16);
+        let (mut client, mut client_peer) = pair().await;
+        let (mut upstream, mut upstream_peer) = pair().await;
         let task = tokio::spawn(async move {
             relay(
-                client,
-                upstream,
+                &mut client,
+                &mut upstream,
                 10,
                 UploadLimits { cap: Some(100), budget: None },
                 Duration::from_secs(5),
@@ -204,13 +222,13 @@ mod tests {
 
     #[tokio::test]
     async fn budget_cuts_off_the_client() {
-        let (client, mut client_peer) = duplex(1 << 16);
-        let (upstream, mut upstream_peer) = duplex(1 << 16);
+        let (mut client, mut client_peer) = pair().await;
+        let (mut upstream, mut upstream_peer) = pair().await;
         let budgets = Budgets::new(Some(100), Duration::from_secs(60));
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let task = tokio::spawn(async move {
             let limits = UploadLimits { cap: None, budget: Some((&budgets, ip)) };
-            relay(client, upstream, 0, limits, Duration::from_secs(5), &Notify::new()).await
+            relay(&mut client, &mut upstream, 0, limits, Duration::from_secs(5), &Notify::new()).await
         });
         client_peer.write_all(&[1u8; 80]).await.unwrap();
         let mut got = vec![0u8; 80];
@@ -222,19 +240,21 @@ mod tests {
 
     #[tokio::test]
     async fn idle_tunnel_closes() {
-        let (client, _client_peer) = duplex(1024);
-        let (upstream, _upstream_peer) = duplex(1024);
-        let out = relay(client, upstream, 0, UploadLimits::default(), Duration::from_millis(200), &Notify::new()).await;
+        let (mut client, _client_peer) = pair().await;
+        let (mut upstream, _upstream_peer) = pair().await;
+        let out =
+            relay(&mut client, &mut upstream, 0, UploadLimits::default(), Duration::from_millis(200), &Notify::new())
+                .await;
         assert_eq!(out.end, RelayEnd::Idle);
     }
 
     #[tokio::test]
     async fn cancel_ends_the_relay() {
-        let (client, _client_peer) = duplex(1024);
-        let (upstream, _upstream_peer) = duplex(1024);
+        let (mut client, _client_peer) = pair().await;
+        let (mut upstream, _upstream_peer) = pair().await;
         let cancel = Notify::new();
         cancel.notify_one();
-        let out = relay(client, upstream, 0, UploadLimits::default(), Duration::from_secs(5), &cancel).await;
+        let out = relay(&mut client, &mut upstream, 0, UploadLimits::default(), Duration::from_secs(5), &cancel).await;
         assert_eq!(out.end, RelayEnd::Revoked);
     }
 }

@@ -239,7 +239,8 @@ async fn tls_flow(proxy: Arc<Proxy>, mut stream: TcpStream, peer: SocketAddr, ow
     }
     let registration = proxy.tunnels.register(host.clone(), orig.port(), peer.ip());
     let upload = UploadLimits { cap: limits.max_upload_bytes, budget: Some((&proxy.budgets, peer.ip())) };
-    let out = relay(stream, upstream, replayed, upload, cfg.idle_timeout, &registration.cancel).await;
+    drop(buf);
+    let out = relay(&mut stream, &mut upstream, replayed, upload, cfg.idle_timeout, &registration.cancel).await;
     let d = match out.end {
         RelayEnd::UploadLimit => decision.denied_for(Reason::UploadLimit),
         RelayEnd::UploadBudget => decision.denied_for(Reason::UploadBudget),

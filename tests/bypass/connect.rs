@@ -84,6 +84,32 @@ case!(connect_denied_with_allowed_host_header_and_hello_pipelined, |fx| {
     fx.verdict(Expect::NOTHING).await;
 });
 
+case!(connect_allowed_with_denied_sni_in_the_connect_write, |fx| {
+    // The ClientHello arrives in the same segment as the CONNECT head, so the HTTP parser
+    // reads it first: it must still be checked, not forwarded as already-read bytes.
+    let p = fx.port;
+    let mut req = format!("CONNECT allowed.test:{p} HTTP/1.1\r\nHost: allowed.test:{p}\r\n\r\n").into_bytes();
+    req.extend_from_slice(&Hello::new("denied.test").bytes());
+    let t = fx.tunnel_raw(&req, &[], NO_GAP).await;
+    assert_eq!(t.status, Some(200), "{t:?}");
+    t.assert_refused(fx.name);
+    fx.verdict(Expect::DIAL_ONLY).await;
+});
+
+case!(connect_allowed_with_allowed_sni_in_the_connect_write, |fx| {
+    // The same with the right SNI: the early bytes are the tunnel's first bytes, in order.
+    let p = fx.port;
+    let hello = Hello::new("allowed.test").bytes();
+    let mut req = format!("CONNECT allowed.test:{p} HTTP/1.1\r\nHost: allowed.test:{p}\r\n\r\n").into_bytes();
+    req.extend_from_slice(&hello);
+    let t = fx.tunnel_raw(&req, &[b"after"], NO_GAP).await;
+    assert_eq!(t.status, Some(200), "{t:?}");
+    let want = [hello.as_slice(), b"after"].concat();
+    let raw = fx.allowed.raw();
+    assert!(raw.starts_with(&want), "[{}] the allowed origin got {} of {} bytes", fx.name, raw.len(), want.len());
+    fx.verdict(Expect::ALLOWED_TRAFFIC).await;
+});
+
 case!(connect_allowed_with_denied_sni, |fx| {
     opening_refused(&mut fx, &Hello::new("denied.test").bytes()).await;
 });
