@@ -97,15 +97,24 @@ case!(connect_allowed_with_denied_sni_in_the_connect_write, |fx| {
 });
 
 case!(connect_allowed_with_allowed_sni_in_the_connect_write, |fx| {
-    // The same with the right SNI: the early bytes are the tunnel's first bytes, in order.
+    // The same with the right SNI: the early bytes are the tunnel's first bytes. (The origin,
+    // a plain HTTP server, closes on a ClientHello, so nothing is sent after it.)
     let p = fx.port;
     let hello = Hello::new("allowed.test").bytes();
     let mut req = format!("CONNECT allowed.test:{p} HTTP/1.1\r\nHost: allowed.test:{p}\r\n\r\n").into_bytes();
     req.extend_from_slice(&hello);
-    let t = fx.tunnel_raw(&req, &[b"after"], NO_GAP).await;
+    let t = fx.tunnel_raw(&req, &[], NO_GAP).await;
     assert_eq!(t.status, Some(200), "{t:?}");
-    let want = [hello.as_slice(), b"after"].concat();
-    let raw = fx.allowed.raw();
+    let want = hello;
+    // The relay may still be copying the last chunk when the client side returns.
+    let mut raw = fx.allowed.raw();
+    for _ in 0..100 {
+        if raw.len() >= want.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        raw = fx.allowed.raw();
+    }
     assert!(raw.starts_with(&want), "[{}] the allowed origin got {} of {} bytes", fx.name, raw.len(), want.len());
     fx.verdict(Expect::ALLOWED_TRAFFIC).await;
 });

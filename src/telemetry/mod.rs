@@ -18,6 +18,8 @@ use prometheus::{
 use crate::config::TunnelingAction;
 use crate::policy::{Action, Reason};
 
+pub mod sink;
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
@@ -25,12 +27,17 @@ pub enum LogFormat {
     Text,
 }
 
+/// The format [`init`] chose; audit lines are formatted by [`DecisionEvent`] itself.
+static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
 /// Installs the global subscriber: JSON lines on stdout with the fields at the top level, or
-/// human-readable text. The filter follows `RUST_LOG` (default `info`).
+/// human-readable text. The filter follows `RUST_LOG` (default `info`). Lines go through
+/// [`sink`]; call [`sink::flush`] before the process exits.
 pub fn init(format: LogFormat) {
+    let _ = FORMAT.set(format);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(sink::SinkWriter);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -113,29 +120,84 @@ impl DecisionEvent<'_> {
         }
     }
 
+    /// Writes the audit line, if `RUST_LOG` lets `egressd::audit` through at INFO. It is the
+    /// line `tracing`'s JSON formatter would write for the event (same keys, same order, same
+    /// number formats), built here without the per-field dispatch, which cost more than the
+    /// decision itself.
     fn log(&self) {
-        let ts = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        let duration_ms = self.duration.as_secs_f64() * 1000.0;
-        // Every contract field is always present; absent values are empty strings / 0.
+        if !tracing::enabled!(target: "egressd::audit", tracing::Level::INFO) {
+            return;
+        }
+        thread_local! {
+            static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        LINE.with(|line| {
+            let mut line = line.borrow_mut();
+            line.clear();
+            self.format(&mut line, FORMAT.get().copied().unwrap_or(LogFormat::Json), SystemTime::now());
+            sink::append(&line);
+            if line.capacity() > 64 * 1024 {
+                *line = Vec::new();
+            }
+        });
+    }
+
+    /// The audit line, ending in a newline.
+    pub fn format(&self, out: &mut Vec<u8>, format: LogFormat, now: SystemTime) {
+        use std::io::Write;
+        /// A field's value, written as `tracing` writes it.
+        enum V<'a> {
+            Str(&'a str),
+            Int(u64),
+            Float(f64),
+        }
+        // "2026-12-04T19:58:18.579236Z"; `ts` is the same instant to the millisecond.
+        let micros = humantime::format_rfc3339_micros(now).to_string();
+        let ts = format!("{}Z", &micros[..micros.len().saturating_sub(4)]);
+        let client = self.client.to_string();
         let upstream_ip = self.upstream_ip.map(|ip| ip.to_string()).unwrap_or_default();
-        tracing::info!(
-            target: "egressd::audit",
-            ts = %ts,
-            id = self.id,
-            kind = self.kind.as_str(),
-            client = %self.client,
-            host = self.host,
-            port = self.port.unwrap_or(0),
-            qtype = self.qtype.unwrap_or(""),
-            action = self.action.as_str(),
-            rule = self.rule,
-            reason = self.reason.as_str(),
-            upstream_ip = upstream_ip.as_str(),
-            bytes_up = self.bytes_up,
-            bytes_down = self.bytes_down,
-            duration_ms = (duration_ms * 1000.0).round() / 1000.0,
-            "decision"
-        );
+        let fields = [
+            ("ts", V::Str(&ts)),
+            ("id", V::Str(self.id)),
+            ("kind", V::Str(self.kind.as_str())),
+            ("client", V::Str(&client)),
+            ("host", V::Str(self.host)),
+            ("port", V::Int(self.port.unwrap_or(0).into())),
+            ("qtype", V::Str(self.qtype.unwrap_or(""))),
+            ("action", V::Str(self.action.as_str())),
+            ("rule", V::Str(self.rule)),
+            ("reason", V::Str(self.reason.as_str())),
+            ("upstream_ip", V::Str(&upstream_ip)),
+            ("bytes_up", V::Int(self.bytes_up)),
+            ("bytes_down", V::Int(self.bytes_down)),
+            ("duration_ms", V::Float((self.duration.as_secs_f64() * 1_000_000.0).round() / 1000.0)),
+        ];
+        // Writing into a Vec cannot fail.
+        match format {
+            LogFormat::Json => {
+                let _ = write!(out, r#"{{"timestamp":"{micros}","level":"INFO","message":"decision""#);
+                for (key, value) in fields {
+                    let _ = write!(out, r#","{key}":"#);
+                    let _ = match value {
+                        V::Str(s) => serde_json::to_writer(&mut *out, s),
+                        V::Int(n) => serde_json::to_writer(&mut *out, &n),
+                        V::Float(f) => serde_json::to_writer(&mut *out, &f),
+                    };
+                }
+                out.extend_from_slice(b",\"target\":\"egressd::audit\"}\n");
+            }
+            LogFormat::Text => {
+                let _ = write!(out, "{micros}  INFO egressd::audit: decision");
+                for (key, value) in fields {
+                    let _ = match value {
+                        V::Str(s) => write!(out, " {key}={s:?}"),
+                        V::Int(n) => write!(out, " {key}={n}"),
+                        V::Float(f) => write!(out, " {key}={f}"),
+                    };
+                }
+                out.push(b'\n');
+            }
+        }
     }
 }
 
@@ -369,6 +431,133 @@ pub fn record_reload_failure() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The line `tracing`'s JSON formatter wrote for the audit event before egressd formatted
+    /// it itself: the contract's consumers parse that shape.
+    fn tracing_line(e: &DecisionEvent<'_>, ts: &str) -> serde_json::Value {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let duration_ms = e.duration.as_secs_f64() * 1000.0;
+        let upstream_ip = e.upstream_ip.map(|ip| ip.to_string()).unwrap_or_default();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(
+                target: "egressd::audit",
+                ts = %ts,
+                id = e.id,
+                kind = e.kind.as_str(),
+                client = %e.client,
+                host = e.host,
+                port = e.port.unwrap_or(0),
+                qtype = e.qtype.unwrap_or(""),
+                action = e.action.as_str(),
+                rule = e.rule,
+                reason = e.reason.as_str(),
+                upstream_ip = upstream_ip.as_str(),
+                bytes_up = e.bytes_up,
+                bytes_down = e.bytes_down,
+                duration_ms = (duration_ms * 1000.0).round() / 1000.0,
+                "decision"
+            );
+        });
+        let bytes = buf.0.lock().unwrap().clone();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[test]
+    fn audit_line_is_the_line_tracing_wrote() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_micros(1_796_000_000_123_456);
+        let mut cases = vec![
+            event(Kind::Dns, Action::Allow, Reason::Rule, "corp"),
+            event(Kind::Connect, Action::Deny, Reason::SniMismatch, "default"),
+        ];
+        cases[0].qtype = Some("AAAA");
+        cases[0].duration = Duration::from_nanos(341_999);
+        cases[1].host = "we\"ird\\host\u{1}\n.example";
+        cases[1].rule = "rule \"quoted\" ünïcode";
+        cases[1].port = Some(443);
+        cases[1].client = "2001:db8::1".parse().unwrap();
+        cases[1].upstream_ip = Some("192.0.2.7".parse().unwrap());
+        cases[1].bytes_up = u64::MAX;
+        cases[1].bytes_down = 12345;
+        cases[1].duration = Duration::from_secs(2890) + Duration::from_micros(374_400);
+        for e in &cases {
+            let mut line = Vec::new();
+            e.format(&mut line, LogFormat::Json, now);
+            assert_eq!(line.last(), Some(&b'\n'));
+            assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
+            let ours: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            let mut theirs = tracing_line(e, "2026-11-30T00:53:20.123Z");
+            // The formatter's own timestamp is the wall clock; ours is `now`.
+            theirs["timestamp"] = serde_json::Value::from("2026-11-30T00:53:20.123456Z");
+            assert_eq!(ours, theirs);
+            let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+            let order: Vec<String> = {
+                let text = String::from_utf8(line.clone()).unwrap();
+                let mut found: Vec<(usize, String)> =
+                    keys(&ours).into_iter().map(|k| (text.find(&format!("\"{k}\":")).unwrap(), k)).collect();
+                found.sort();
+                found.into_iter().map(|(_, k)| k).collect()
+            };
+            assert_eq!(
+                order,
+                [
+                    "timestamp",
+                    "level",
+                    "message",
+                    "ts",
+                    "id",
+                    "kind",
+                    "client",
+                    "host",
+                    "port",
+                    "qtype",
+                    "action",
+                    "rule",
+                    "reason",
+                    "upstream_ip",
+                    "bytes_up",
+                    "bytes_down",
+                    "duration_ms",
+                    "target"
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn text_audit_line_is_one_readable_line() {
+        let mut e = event(Kind::Http, Action::Deny, Reason::Default, "default");
+        e.host = "evil\nhost";
+        let mut line = Vec::new();
+        e.format(&mut line, LogFormat::Text, SystemTime::UNIX_EPOCH);
+        let text = String::from_utf8(line).unwrap();
+        assert!(
+            text.starts_with(
+                "1970-01-01T00:00:00.000000Z  INFO egressd::audit: decision ts=\"1970-01-01T00:00:00.000Z\""
+            )
+        );
+        assert!(text.contains(r#" host="evil\nhost" "#), "{text}");
+        assert!(text.contains(" action=\"deny\" "), "{text}");
+        assert_eq!(text.matches('\n').count(), 1, "{text}");
+    }
 
     fn event(kind: Kind, action: Action, reason: Reason, rule: &str) -> DecisionEvent<'_> {
         DecisionEvent {
