@@ -57,10 +57,23 @@ pub async fn bind(addr: SocketAddr) -> io::Result<Listener> {
     Err(last.unwrap_or_else(|| io::Error::other("could not bind UDP and TCP on one port")))
 }
 
-/// Serves UDP queries on `sock` forever.
+/// Serves UDP queries on `sock` forever, with one receive loop per worker thread so that
+/// answering scales with the cores.
 pub async fn serve_udp(fw: Arc<Firewall>, sock: UdpSocket) {
     let sock = Arc::new(sock);
     let slots = Arc::new(Semaphore::new(MAX_UDP_IN_FLIGHT));
+    let loops = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16);
+    let mut others = tokio::task::JoinSet::new();
+    for _ in 1..loops {
+        others.spawn(receive_loop(fw.clone(), sock.clone(), slots.clone()));
+    }
+    receive_loop(fw, sock, slots).await;
+}
+
+/// Receives queries and answers them. Most queries are answered without waiting for anything
+/// (refused by the policy, `[hosts]`, cache hits): those are answered right here, which spares
+/// each of them a task; a query that has to wait (for an upstream) continues as its own task.
+async fn receive_loop(fw: Arc<Firewall>, sock: Arc<UdpSocket>, slots: Arc<Semaphore>) {
     let mut buf = vec![0u8; 65535];
     loop {
         let (n, peer) = match sock.recv_from(&mut buf).await {
@@ -73,12 +86,16 @@ pub async fn serve_udp(fw: Arc<Firewall>, sock: UdpSocket) {
         let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
         let packet = buf[..n].to_vec();
         let (fw, sock) = (fw.clone(), sock.clone());
-        tokio::spawn(async move {
+        let mut answer = Box::pin(async move {
             if let Some(reply) = fw.handle(&packet, peer.ip().to_canonical(), Transport::Udp).await {
                 let _ = sock.send_to(&reply, peer).await;
             }
             drop(permit);
         });
+        let finished = std::future::poll_fn(|cx| std::task::Poll::Ready(answer.as_mut().poll(cx).is_ready())).await;
+        if !finished {
+            tokio::spawn(answer);
+        }
     }
 }
 

@@ -151,23 +151,28 @@ impl DecisionEvent<'_> {
             Int(u64),
             Float(f64),
         }
+        // Short values are formatted on the stack: this runs once per decision.
+        let (mut micros_buf, mut ts_buf, mut client_buf, mut upstream_buf) = ([0; 64], [0; 64], [0; 64], [0; 64]);
         // "2026-12-04T19:58:18.579236Z"; `ts` is the same instant to the millisecond.
-        let micros = humantime::format_rfc3339_micros(now).to_string();
-        let ts = format!("{}Z", &micros[..micros.len().saturating_sub(4)]);
-        let client = self.client.to_string();
-        let upstream_ip = self.upstream_ip.map(|ip| ip.to_string()).unwrap_or_default();
+        let micros = display_into(&mut micros_buf, humantime::format_rfc3339_micros(now));
+        let ts = display_into(&mut ts_buf, format_args!("{}Z", &micros[..micros.len().saturating_sub(4)]));
+        let client = display_into(&mut client_buf, self.client);
+        let upstream_ip = match self.upstream_ip {
+            Some(ip) => display_into(&mut upstream_buf, ip),
+            None => "",
+        };
         let fields = [
-            ("ts", V::Str(&ts)),
+            ("ts", V::Str(ts)),
             ("id", V::Str(self.id)),
             ("kind", V::Str(self.kind.as_str())),
-            ("client", V::Str(&client)),
+            ("client", V::Str(client)),
             ("host", V::Str(self.host)),
             ("port", V::Int(self.port.unwrap_or(0).into())),
             ("qtype", V::Str(self.qtype.unwrap_or(""))),
             ("action", V::Str(self.action.as_str())),
             ("rule", V::Str(self.rule)),
             ("reason", V::Str(self.reason.as_str())),
-            ("upstream_ip", V::Str(&upstream_ip)),
+            ("upstream_ip", V::Str(upstream_ip)),
             ("bytes_up", V::Int(self.bytes_up)),
             ("bytes_down", V::Int(self.bytes_down)),
             ("duration_ms", V::Float((self.duration.as_secs_f64() * 1_000_000.0).round() / 1000.0)),
@@ -175,9 +180,13 @@ impl DecisionEvent<'_> {
         // Writing into a Vec cannot fail.
         match format {
             LogFormat::Json => {
-                let _ = write!(out, r#"{{"timestamp":"{micros}","level":"INFO","message":"decision""#);
+                out.extend_from_slice(b"{\"timestamp\":\"");
+                out.extend_from_slice(micros.as_bytes());
+                out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"decision\"");
                 for (key, value) in fields {
-                    let _ = write!(out, r#","{key}":"#);
+                    out.extend_from_slice(b",\"");
+                    out.extend_from_slice(key.as_bytes());
+                    out.extend_from_slice(b"\":");
                     let _ = match value {
                         V::Str(s) => serde_json::to_writer(&mut *out, s),
                         V::Int(n) => serde_json::to_writer(&mut *out, &n),
@@ -198,6 +207,19 @@ impl DecisionEvent<'_> {
                 out.push(b'\n');
             }
         }
+    }
+}
+
+/// Formats `value` into `buf`, as much of it as fits (every value given here fits).
+fn display_into(buf: &mut [u8; 64], value: impl std::fmt::Display) -> &str {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cursor, "{value}");
+    let len = cursor.position() as usize;
+    // A cut could only fall inside a multi-byte character; keep the valid prefix.
+    match std::str::from_utf8(&buf[..len]) {
+        Ok(s) => s,
+        Err(e) => std::str::from_utf8(&buf[..e.valid_up_to()]).unwrap_or_default(),
     }
 }
 
