@@ -25,6 +25,10 @@ pub enum AppError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("DNS upstreams: {0}")]
     Upstreams(String),
+    #[error(
+        "dns.upstreams: {upstream} is egressd's own DNS listener {listener}: every query would be forwarded to itself"
+    )]
+    ForwardingLoop { upstream: SocketAddr, listener: SocketAddr },
     #[error("signal handling: {0}")]
     Signal(std::io::Error),
 }
@@ -100,8 +104,11 @@ pub async fn run(path: &Path) -> Result<(), AppError> {
     for &addr in &cfg.dns.listen {
         dns_listeners.push(dns::bind(addr).await.map_err(|source| AppError::Bind { addr, source })?);
     }
-    let dns_addrs: Vec<String> =
-        dns_listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
+    let bound: Vec<SocketAddr> = dns_listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    if let Some((upstream, listener)) = config::forwarding_loop(resolver.upstreams().addrs(), &bound) {
+        return Err(AppError::ForwardingLoop { upstream, listener });
+    }
+    let dns_addrs: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
     let firewall = Arc::new(Firewall {
         state: state.clone(),
         resolver: resolver.clone(),

@@ -314,3 +314,29 @@ fn explain_broken_config_exits_1() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("egressd.toml:1:"), "{}", text(&o).1);
 }
+
+#[test]
+fn run_refuses_an_upstream_that_is_its_own_dns_listener() {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let main = format!(
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\n\n[dns]\nlisten = [\"127.0.0.1:{port}\"]\nupstreams = [\"127.0.0.1:{port}\"]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[policy]\nfiles = [\"rules/*.toml\"]\n"
+    );
+    let f = Fixture::new(&main, &[("org.toml", GOOD_RULES)]);
+    let o = egressd(&["run", "--config", &f.config()]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("own DNS listener"), "{err}");
+}
+
+#[test]
+fn check_reports_an_upstream_that_is_its_own_dns_listener() {
+    let main = "[dns]\nlisten = [\"127.0.0.1:8053\"]\nupstreams = [\"127.0.0.1:5399\", \"127.0.0.1:8053\"]\n\n[policy]\nfiles = [\"rules/*.toml\"]\n";
+    let f = Fixture::new(main, &[("org.toml", GOOD_RULES)]);
+    let o = f.check();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("egressd.toml:3:") && err.contains("dns.upstreams") && err.contains("127.0.0.1:8053"),
+        "{err}"
+    );
+}

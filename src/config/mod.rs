@@ -21,7 +21,7 @@ use ipnet::IpNet;
 use crate::policy::name::Name;
 use crate::policy::{DefaultAction, Policy, SharedNames};
 
-pub use validate::{parse_cidr, parse_qtype, qtype_name};
+pub use validate::{forwarding_loop, parse_cidr, parse_qtype, qtype_name};
 
 /// The default config path, relative to the working directory.
 pub const DEFAULT_PATH: &str = "config/egressd.toml";

@@ -228,14 +228,48 @@ fn proxy(c: &mut Check<'_>, p: raw::RawProxy) -> ProxyConfig {
     }
 }
 
+/// An upstream that is one of egressd's own DNS listeners (`system` naming 127.0.0.1 while
+/// egressd listens on 127.0.0.1:53, say): each query would come back as a new query, until
+/// every in-flight slot is taken by the loop. `check` finds it for listed addresses, `run` also
+/// for the nameservers `system` reads at start-up.
+pub fn forwarding_loop(
+    upstreams: impl Iterator<Item = SocketAddr>,
+    listeners: &[SocketAddr],
+) -> Option<(SocketAddr, SocketAddr)> {
+    let canonical = |ip: std::net::IpAddr| ip.to_canonical();
+    for upstream in upstreams {
+        let ip = canonical(upstream.ip());
+        for &listener in listeners {
+            let own = canonical(listener.ip());
+            let reaches = ip == own || (own.is_unspecified() && (ip.is_loopback() || ip.is_unspecified()));
+            if upstream.port() == listener.port() && reaches {
+                return Some((upstream, listener));
+            }
+        }
+    }
+    None
+}
+
 fn dns(c: &mut Check<'_>, d: raw::RawDns) -> DnsConfig {
+    let listen = c.sockets(d.listen, "dns.listen", &["127.0.0.1:8053"]);
     let upstreams = match d.upstreams {
         None => vec![Upstream::System],
         Some(list) => {
             if list.get_ref().is_empty() {
                 c.err(list.span(), "dns.upstreams", "at least one upstream is required");
             }
-            list.into_inner().iter().filter_map(|s| upstream(c, s)).collect()
+            let mut out = Vec::new();
+            for s in list.get_ref() {
+                let Some(u) = upstream(c, s) else { continue };
+                if let Upstream::Plain(addr) = u {
+                    if let Some((_, own)) = forwarding_loop(std::iter::once(addr), &listen) {
+                        let msg = format!("`{addr}` is egressd's own DNS listener {own}: a forwarding loop");
+                        c.err(s.span(), "dns.upstreams", msg);
+                    }
+                }
+                out.push(u);
+            }
+            out
         }
     };
     let blocked_response = c.choice(
@@ -297,7 +331,7 @@ fn dns(c: &mut Check<'_>, d: raw::RawDns) -> DnsConfig {
         info_budget: c.size(t.info_budget, "dns.tunneling.info_budget").unwrap_or(4096),
     };
     DnsConfig {
-        listen: c.sockets(d.listen, "dns.listen", &["127.0.0.1:8053"]),
+        listen,
         upstreams,
         blocked_response,
         sinkhole_ipv4,
@@ -439,6 +473,22 @@ pub(super) fn config(src: &Source, raw: raw::RawConfig, diags: &mut Diagnostics)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upstream_that_is_our_own_listener_is_a_loop() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let found = |ups: &[&str], listeners: &[&str]| {
+            let listeners: Vec<SocketAddr> = listeners.iter().map(|s| a(s)).collect();
+            forwarding_loop(ups.iter().map(|s| a(s)), &listeners).is_some()
+        };
+        assert!(found(&["127.0.0.1:53"], &["127.0.0.1:53"]));
+        assert!(found(&["10.0.0.2:53", "127.0.0.1:53"], &["0.0.0.0:53"]), "a wildcard listener answers loopback");
+        assert!(found(&["[::ffff:127.0.0.1]:8053"], &["127.0.0.1:8053"]), "mapped spelling");
+        assert!(found(&["[::1]:53"], &["[::]:53"]));
+        assert!(!found(&["127.0.0.1:5353"], &["127.0.0.1:53"]), "another port");
+        assert!(!found(&["127.0.0.53:53"], &["127.0.0.1:53"]), "another loopback address (systemd-resolved)");
+        assert!(!found(&["10.0.0.2:53"], &["127.0.0.1:53"]));
+    }
 
     #[test]
     fn cidrs_are_strict() {

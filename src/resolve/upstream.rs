@@ -219,6 +219,11 @@ impl Upstreams {
         self.timeout
     }
 
+    /// The upstreams' addresses, in the order they are tried.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.servers.iter().map(|s| s.addr)
+    }
+
     /// One line per upstream, in the order they are tried, e.g. `127.0.0.1:53 (udp+tcp)` or
     /// `tls://9.9.9.9:853#dns.quad9.net`.
     pub fn describe(&self) -> Vec<String> {
