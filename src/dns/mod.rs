@@ -57,12 +57,16 @@ pub async fn bind(addr: SocketAddr) -> io::Result<Listener> {
     Err(last.unwrap_or_else(|| io::Error::other("could not bind UDP and TCP on one port")))
 }
 
-/// Serves UDP queries on `sock` forever, with one receive loop per worker thread so that
-/// answering scales with the cores.
+/// Receive loops per UDP socket, at most: answering scales with the cores, but every loop is
+/// woken for each packet (one wins it), so more loops cost more than they give.
+const MAX_UDP_LOOPS: usize = 4;
+
+/// Serves UDP queries on `sock` forever, with one receive loop per worker thread (up to
+/// [`MAX_UDP_LOOPS`]) so that answering scales with the cores.
 pub async fn serve_udp(fw: Arc<Firewall>, sock: UdpSocket) {
     let sock = Arc::new(sock);
     let slots = Arc::new(Semaphore::new(MAX_UDP_IN_FLIGHT));
-    let loops = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16);
+    let loops = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_UDP_LOOPS);
     let mut others = tokio::task::JoinSet::new();
     for _ in 1..loops {
         others.spawn(receive_loop(fw.clone(), sock.clone(), slots.clone()));
