@@ -33,28 +33,13 @@ pub enum AppError {
     Signal(std::io::Error),
 }
 
-/// Listen backlog of the proxy listeners. Past `max_connections` new connections wait in it,
-/// and a burst of connects (slowloris reconnecting, a client fleet after a failover) must not
-/// overflow it: the std/mio default of 128 makes the kernel drop SYNs, and every client then
-/// waits out a 1 s, 3 s, 7 s ... retransmit. The kernel caps it at `net.core.somaxconn`.
-const LISTEN_BACKLOG: u32 = 1024;
-
 async fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, AppError> {
     let mut out = Vec::with_capacity(addrs.len());
     for &addr in addrs {
-        let l = listen(addr).map_err(|source| AppError::Bind { addr, source })?;
+        let l = crate::net::listen(addr).map_err(|source| AppError::Bind { addr, source })?;
         out.push(l);
     }
     Ok(out)
-}
-
-/// Binds `addr` (with `SO_REUSEADDR`, as `TcpListener::bind` does) and listens with
-/// [`LISTEN_BACKLOG`].
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Transparent listeners: like [`bind_all`], with `IP_TRANSPARENT` when permitted (TPROXY).
@@ -81,7 +66,7 @@ pub async fn run(path: &Path) -> Result<(), AppError> {
     let mut background = Vec::new();
     let mut admin_addr = None;
     if let Some(addr) = main.admin.listen {
-        let l = TcpListener::bind(addr).await.map_err(|source| AppError::Bind { addr, source })?;
+        let l = crate::net::listen(addr).map_err(|source| AppError::Bind { addr, source })?;
         admin_addr = l.local_addr().ok().map(|a| a.to_string());
         tracing::info!(
             event = "admin",

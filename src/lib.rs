@@ -14,6 +14,7 @@ pub mod dns;
 /// Property checks shared by the cargo-fuzz targets (`fuzz/`) and `tests/fuzz_corpora.rs`.
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod net;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

@@ -48,7 +48,7 @@ pub async fn bind(addr: SocketAddr) -> io::Result<Listener> {
     for _ in 0..16 {
         let udp = UdpSocket::bind(addr).await?;
         let bound = udp.local_addr()?;
-        match TcpListener::bind(bound).await {
+        match crate::net::listen(bound) {
             Ok(tcp) => return Ok(Listener { udp, tcp }),
             Err(e) if addr.port() == 0 => last = Some(e),
             Err(e) => return Err(e),

@@ -55,13 +55,12 @@ fn not_redirected(orig: SocketAddr, local: Option<SocketAddr>, own: Option<Socke
 /// (`CAP_NET_ADMIN`): TPROXY delivers connections only to such sockets. REDIRECT needs nothing,
 /// so not being allowed to set it is not an error.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-    socket.set_reuseaddr(true)?;
+    let socket = crate::net::socket(addr)?;
     if let Err(e) = setsockopt(&socket, sockopt::IpTransparent, &true) {
         tracing::debug!(%addr, error = %e, "IP_TRANSPARENT not set: TPROXY cannot deliver to this listener (REDIRECT can)");
     }
     socket.bind(addr)?;
-    socket.listen(1024)
+    socket.listen(crate::net::LISTEN_BACKLOG)
 }
 
 /// Checks that `orig` is where `host` really is: inside the guard's permitted addresses, and
