@@ -81,7 +81,7 @@ fn run(config: &std::path::Path, log_format: &str) -> anyhow::Result<()> {
     let result = runtime.block_on(egressd::app::run(config));
     // Tasks still holding connections are cancelled; do not wait on them.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    // Lines still in the log buffer (the last audit lines, the stop line) reach stdout.
+    // A line another thread is still writing (the last audit lines, the stop line) reaches stdout.
     egressd::telemetry::sink::flush(std::time::Duration::from_secs(5));
     result?;
     Ok(())

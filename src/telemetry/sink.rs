@@ -1,53 +1,43 @@
-//! Where every log line goes: one in-memory buffer that a writer thread drains to stdout.
+//! Where every log line goes: stdout, written by whoever appends, batched when appenders
+//! collide.
 //!
-//! Writing each line with its own `write(2)` on the thread that made the decision cost a DNS
-//! query more than a third of its CPU time (BENCHMARKS.md). Here a line is appended to a
-//! shared buffer under a short lock, and a dedicated thread writes whatever has accumulated
-//! in one call, so under load hundreds of lines share a system call. Lines keep the order in
-//! which they were appended, audit lines and `tracing`'s alike.
+//! A line is written by the thread that logs it, before it goes on (so an audit line is on
+//! stdout before the response it records is sent), unless another thread is writing at that
+//! moment: then the line joins a shared buffer, and the writing thread writes that buffer too
+//! before it lets go, in one call. Under load, many lines share a `write(2)`; when quiet, each
+//! line is written at once. No thread waits for a writer to wake up, and there is no log thread.
 //!
 //! Nothing is dropped: when stdout does not keep up (a blocked pipe), appenders wait once
-//! [`HIGH_WATER`] bytes are pending, as they would have waited in `write(2)` before. A line
-//! reaches stdout at most [`GATHER`] after it was appended, and [`flush`] waits for everything
-//! appended so far (egressd calls it before it exits; a `kill -9` loses at most that much).
+//! [`HIGH_WATER`] bytes are pending, as they would have waited in `write(2)`. Lines keep the
+//! order in which they were appended, audit lines and `tracing`'s alike.
 
 use std::io::Write;
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Condvar, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Pending bytes at which appenders wait for the writer.
 const HIGH_WATER: usize = 8 << 20;
-/// Pending bytes written at once without waiting for more.
-const BATCH: usize = 64 << 10;
-/// How long the writer lets lines gather after the first one of a batch arrives. Every wake-up
-/// of the writer costs tens of microseconds on a virtual machine; with this, it wakes at most
-/// 200 times a second, or once per 64 KiB of lines when busy.
-const GATHER: Duration = Duration::from_millis(5);
 
 #[derive(Default)]
 struct Pending {
     buf: Vec<u8>,
-    /// Bytes appended since start, and bytes written (or given up on) since start.
-    appended: u64,
-    written: u64,
-    /// The writer is waiting for the first line of a batch.
-    writer_idle: bool,
-    /// The writer is waiting for a batch to fill (or [`GATHER`] to pass).
-    writer_gathering: bool,
-    /// Someone is waiting in [`flush`]: write without gathering.
-    hurry: bool,
+    /// A thread is writing (outside the lock); it will also write what is in `buf`.
+    writing: bool,
+    /// A cleared buffer kept for reuse, so batching does not allocate.
+    spare: Vec<u8>,
 }
 
-struct Sink {
+struct Sink<W> {
     pending: Mutex<Pending>,
-    /// Wakes the writer (a first line) and waiters (space freed, bytes written).
-    writer: Condvar,
+    /// Signalled whenever the writer finishes a write.
     progress: Condvar,
+    /// Only the thread holding the writer role locks it, so it is never contended.
+    out: Mutex<W>,
 }
 
-impl Sink {
-    fn new() -> Self {
-        Self { pending: Mutex::new(Pending::default()), writer: Condvar::new(), progress: Condvar::new() }
+impl<W: Write> Sink<W> {
+    fn new(out: W) -> Self {
+        Self { pending: Mutex::new(Pending::default()), progress: Condvar::new(), out: Mutex::new(out) }
     }
 
     fn lock(&self) -> MutexGuard<'_, Pending> {
@@ -56,28 +46,44 @@ impl Sink {
 
     fn append(&self, lines: &[u8]) {
         let mut p = self.lock();
-        while p.buf.len() >= HIGH_WATER {
+        while p.writing && p.buf.len() >= HIGH_WATER {
             p = self.progress.wait(p).unwrap_or_else(|e| e.into_inner());
         }
         p.buf.extend_from_slice(lines);
-        p.appended += lines.len() as u64;
-        if p.writer_idle || (p.writer_gathering && p.buf.len() >= BATCH) {
-            p.writer_idle = false;
-            p.writer_gathering = false;
-            self.writer.notify_one();
+        if p.writing {
+            // The writer writes it before it lets go.
+            return;
+        }
+        p.writing = true;
+        let mut batch = std::mem::take(&mut p.spare);
+        std::mem::swap(&mut p.buf, &mut batch);
+        drop(p);
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            // A failed write (stdout closed) loses the batch, as a failed `write(2)` lost the line.
+            let _ = out.write_all(&batch).and_then(|()| out.flush());
+            batch.clear();
+            let mut p = self.lock();
+            if p.buf.is_empty() {
+                p.writing = false;
+                if batch.capacity() <= HIGH_WATER {
+                    p.spare = batch;
+                }
+                drop(p);
+                self.progress.notify_all();
+                return;
+            }
+            std::mem::swap(&mut p.buf, &mut batch);
+            drop(p);
+            self.progress.notify_all();
         }
     }
 
+    /// Waits (at most `limit`) until nothing is pending; true if it got there.
     fn flush(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         let mut p = self.lock();
-        let target = p.appended;
-        while p.written < target {
-            p.hurry = true;
-            if p.writer_gathering {
-                p.writer_gathering = false;
-                self.writer.notify_one();
-            }
+        while p.writing || !p.buf.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
@@ -88,74 +94,16 @@ impl Sink {
     }
 }
 
-fn sink() -> &'static Sink {
-    static SINK: OnceLock<&'static Sink> = OnceLock::new();
-    SINK.get_or_init(|| {
-        let sink: &'static Sink = Box::leak(Box::new(Sink::new()));
-        let started =
-            std::thread::Builder::new().name("egressd-log".into()).spawn(move || write_loop(sink, std::io::stdout()));
-        if started.is_err() {
-            // No writer thread: lines are written by the appender itself (see `append`).
-            eprintln!("egressd: could not start the log writer thread; writing lines directly");
-            NO_WRITER.set(()).ok();
-        }
-        sink
-    })
-}
-
-static NO_WRITER: OnceLock<()> = OnceLock::new();
-
-fn write_loop(sink: &Sink, mut out: impl Write) {
-    let mut batch = Vec::new();
-    loop {
-        let mut p = sink.lock();
-        while p.buf.is_empty() {
-            p.writer_idle = true;
-            p = sink.writer.wait(p).unwrap_or_else(|e| e.into_inner());
-        }
-        p.writer_idle = false;
-        // Let the lines of a burst gather into one write.
-        let deadline = Instant::now() + GATHER;
-        while p.buf.len() < BATCH && !p.hurry {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            p.writer_gathering = true;
-            p = sink.writer.wait_timeout(p, left).unwrap_or_else(|e| e.into_inner()).0;
-        }
-        p.writer_gathering = false;
-        p.hurry = false;
-        std::mem::swap(&mut p.buf, &mut batch);
-        drop(p);
-        // A failed write (stdout closed) loses the batch, as a failed `write(2)` lost the line.
-        let _ = out.write_all(&batch).and_then(|()| out.flush());
-        let n = batch.len() as u64;
-        batch.clear();
-        if batch.capacity() > HIGH_WATER {
-            batch = Vec::new();
-        }
-        sink.lock().written += n;
-        sink.progress.notify_all();
-    }
-}
+static STDOUT: LazyLock<Sink<std::io::Stdout>> = LazyLock::new(|| Sink::new(std::io::stdout()));
 
 /// Appends complete lines (each ending in `\n`).
 pub fn append(lines: &[u8]) {
-    let sink = sink();
-    if NO_WRITER.get().is_some() {
-        let _ = std::io::stdout().lock().write_all(lines);
-        return;
-    }
-    sink.append(lines);
+    STDOUT.append(lines);
 }
 
-/// Waits (at most `limit`) until every line appended before the call is written.
+/// Waits (at most `limit`) until every line appended so far is written.
 pub fn flush(limit: Duration) {
-    let sink = sink();
-    if NO_WRITER.get().is_none() {
-        sink.flush(limit);
-    }
+    STDOUT.flush(limit);
 }
 
 /// `tracing_subscriber`'s writer: the formatter hands over one whole line per `write`.
@@ -186,17 +134,19 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    /// An output that records what the writer wrote, and can be made to block.
+    /// An output that records what was written, can be slowed down, and can be made to block.
     #[derive(Clone, Default)]
     struct Recorder {
         bytes: Arc<Mutex<Vec<u8>>>,
         writes: Arc<Mutex<usize>>,
         gate: Arc<Mutex<()>>,
+        delay: Duration,
     }
 
     impl Write for Recorder {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
             let _open = self.gate.lock().unwrap();
+            std::thread::sleep(self.delay);
             self.bytes.lock().unwrap().extend_from_slice(b);
             *self.writes.lock().unwrap() += 1;
             Ok(b.len())
@@ -206,20 +156,29 @@ mod tests {
         }
     }
 
-    fn private_sink(out: Recorder) -> &'static Sink {
-        let sink: &'static Sink = Box::leak(Box::new(Sink::new()));
-        std::thread::spawn(move || write_loop(sink, out));
-        sink
+    fn sink(out: Recorder) -> &'static Sink<Recorder> {
+        Box::leak(Box::new(Sink::new(out)))
     }
 
     #[test]
-    fn lines_come_out_whole_in_order_batched_and_flush_waits_for_them() {
+    fn a_line_is_written_before_append_returns() {
         let out = Recorder::default();
-        let sink = private_sink(out.clone());
+        let sink = sink(out.clone());
+        sink.append(b"first\n");
+        assert_eq!(out.bytes.lock().unwrap().as_slice(), b"first\n");
+        sink.append(b"second\n");
+        assert_eq!(out.bytes.lock().unwrap().as_slice(), b"first\nsecond\n");
+        assert_eq!(*out.writes.lock().unwrap(), 2);
+    }
+
+    #[test]
+    fn colliding_lines_come_out_whole_in_order_and_batched() {
+        let out = Recorder { delay: Duration::from_micros(200), ..Recorder::default() };
+        let sink = sink(out.clone());
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 std::thread::spawn(move || {
-                    for i in 0..2000 {
+                    for i in 0..500 {
                         sink.append(format!("thread={t} line={i}\n").as_bytes());
                     }
                 })
@@ -231,36 +190,44 @@ mod tests {
         assert!(sink.flush(Duration::from_secs(10)), "flush timed out");
         let text = String::from_utf8(out.bytes.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 8000, "every line written once");
+        assert_eq!(lines.len(), 2000, "every line written once");
         for t in 0..4 {
             let mine: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with(&format!("thread={t} "))).collect();
-            let want: Vec<String> = (0..2000).map(|i| format!("thread={t} line={i}")).collect();
+            let want: Vec<String> = (0..500).map(|i| format!("thread={t} line={i}")).collect();
             assert_eq!(mine, want, "thread {t}'s lines whole and in order");
         }
         let writes = *out.writes.lock().unwrap();
-        assert!(writes < 8000, "lines were batched: {writes} writes for 8000 lines");
+        assert!(writes < 2000, "colliding lines were batched: {writes} writes for 2000 lines");
     }
 
     #[test]
     fn appenders_wait_when_the_output_blocks_and_nothing_is_lost() {
         let out = Recorder::default();
-        let sink = private_sink(out.clone());
+        let sink = sink(out.clone());
         let gate = out.gate.lock().unwrap();
-        // The writer takes the first batch and blocks in `write`; the next HIGH_WATER bytes
-        // pend; the appender then has to wait.
+        // The first appender becomes the writer and blocks in `write`; the others pend lines
+        // until HIGH_WATER, then wait.
         let line = vec![b'x'; 1023].into_iter().chain([b'\n']).collect::<Vec<u8>>();
-        let total = 3 * HIGH_WATER / line.len();
-        let appender = std::thread::spawn(move || {
-            for _ in 0..total {
-                sink.append(&line);
-            }
-        });
+        let per_thread = 2 * HIGH_WATER / line.len();
+        let appenders: Vec<_> = (0..2)
+            .map(|_| {
+                let line = line.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..per_thread {
+                        sink.append(&line);
+                    }
+                })
+            })
+            .collect();
         std::thread::sleep(Duration::from_millis(300));
-        assert!(!appender.is_finished(), "the appender waits for a blocked output");
+        assert!(appenders.iter().all(|a| !a.is_finished()), "appenders wait for a blocked output");
         assert!(sink.lock().buf.len() <= HIGH_WATER + 1024, "pending bytes stay bounded");
+        assert!(!sink.flush(Duration::from_millis(50)), "flush cannot finish while the output blocks");
         drop(gate);
-        appender.join().unwrap();
+        for a in appenders {
+            a.join().unwrap();
+        }
         assert!(sink.flush(Duration::from_secs(10)));
-        assert_eq!(out.bytes.lock().unwrap().len(), total * 1024, "nothing lost");
+        assert_eq!(out.bytes.lock().unwrap().len(), 2 * per_thread * 1024, "nothing lost");
     }
 }
