@@ -236,11 +236,10 @@ pub fn forwarding_loop(
     upstreams: impl Iterator<Item = SocketAddr>,
     listeners: &[SocketAddr],
 ) -> Option<(SocketAddr, SocketAddr)> {
-    let canonical = |ip: std::net::IpAddr| ip.to_canonical();
     for upstream in upstreams {
-        let ip = canonical(upstream.ip());
+        let ip = upstream.ip().to_canonical();
         for &listener in listeners {
-            let own = canonical(listener.ip());
+            let own = listener.ip().to_canonical();
             let reaches = ip == own || (own.is_unspecified() && (ip.is_loopback() || ip.is_unspecified()));
             if upstream.port() == listener.port() && reaches {
                 return Some((upstream, listener));

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::budget::Budgets;
-use super::relay::{RelayEnd, UploadLimits, relay};
+use super::relay::{UploadLimits, forward_early, relay};
 use super::respond::{self, status_for};
 use super::sni::{self, HelloError, Parse};
 use super::{Conn, Proxy, ProxyBody, dial};
@@ -245,28 +245,15 @@ async fn run_tunnel(
         tunnel.emit(tunnel.decision.denied_for(reason), 0, 0);
         return;
     }
-    let replayed = buf.len() as u64;
-    if limit.is_some_and(|cap| replayed > cap) {
-        tunnel.emit(tunnel.decision.denied_for(Reason::UploadLimit), 0, 0);
-        return;
-    }
-    if !budgets.try_spend(tunnel.client, replayed, Instant::now()) {
-        tunnel.emit(tunnel.decision.denied_for(Reason::UploadBudget), 0, 0);
-        return;
-    }
-    if upstream.write_all(&buf).await.is_err() {
-        tunnel.emit(tunnel.decision.denied_for(Reason::Upstream), 0, 0);
-        return;
-    }
-    drop(buf);
     let upload = UploadLimits { cap: limit, budget: Some((budgets, tunnel.client)) };
+    if let Err(reason) = forward_early(&mut upstream, &buf, upload).await {
+        tunnel.emit(tunnel.decision.denied_for(reason), 0, 0);
+        return;
+    }
+    let replayed = buf.len() as u64;
+    drop(buf);
     let out = relay(&mut client, &mut upstream, replayed, upload, idle, cancel).await;
-    let decision = match out.end {
-        RelayEnd::UploadBudget => tunnel.decision.denied_for(Reason::UploadBudget),
-        RelayEnd::UploadLimit => tunnel.decision.denied_for(Reason::UploadLimit),
-        RelayEnd::Revoked => tunnel.decision.denied_for(Reason::Revoked),
-        _ => tunnel.decision,
-    };
+    let decision = out.end.denial().map_or(tunnel.decision, |r| tunnel.decision.denied_for(r));
     tunnel.emit(decision, out.up, out.down);
 }
 

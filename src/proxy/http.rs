@@ -334,37 +334,28 @@ pub(super) async fn handle(
             };
             let budget = Some((&relay_proxy.budgets, audit.client));
             let upload = super::relay::UploadLimits { cap: upload_cap, budget };
-            // Bytes hyper read past each head go first, the client's under the same limits.
-            let early_up = client_early.len() as u64;
-            if upload_cap.is_some_and(|cap| early_up > cap) {
-                audit.decision = audit.decision.denied_for(Reason::UploadLimit);
-                audit.emit(0);
-                return;
-            }
-            if !relay_proxy.budgets.try_spend(audit.client, early_up, std::time::Instant::now()) {
-                audit.decision = audit.decision.denied_for(Reason::UploadBudget);
-                audit.emit(0);
-                return;
+            // Bytes hyper read past each head go first, the client's under the relay's limits.
+            match super::relay::forward_early(&mut upstream, &client_early, upload).await {
+                Ok(()) => {}
+                Err(Reason::Upstream) => return audit.emit(0),
+                Err(reason) => {
+                    audit.decision = audit.decision.denied_for(reason);
+                    return audit.emit(0);
+                }
             }
             use tokio::io::AsyncWriteExt;
-            if upstream.write_all(&client_early).await.is_err() || client.write_all(&upstream_early).await.is_err() {
-                audit.emit(0);
-                return;
+            if client.write_all(&upstream_early).await.is_err() {
+                return audit.emit(0);
             }
-            let early_down = upstream_early.len() as u64;
+            let (early_up, early_down) = (client_early.len() as u64, upstream_early.len() as u64);
             drop((client_early, upstream_early));
             let mut out =
                 super::relay::relay(&mut client, &mut upstream, early_up, upload, idle, &registration.cancel).await;
             out.down += early_down;
             audit_conn.uploaded.fetch_add(out.up, Ordering::Relaxed);
             audit.bytes_up += out.up;
-            match out.end {
-                super::relay::RelayEnd::UploadLimit => audit.decision = audit.decision.denied_for(Reason::UploadLimit),
-                super::relay::RelayEnd::Revoked => audit.decision = audit.decision.denied_for(Reason::Revoked),
-                super::relay::RelayEnd::UploadBudget => {
-                    audit.decision = audit.decision.denied_for(Reason::UploadBudget)
-                }
-                _ => {}
+            if let Some(reason) = out.end.denial() {
+                audit.decision = audit.decision.denied_for(reason);
             }
             audit.emit(out.down);
         });

@@ -10,6 +10,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::sync::Notify;
 
 use super::budget::Budgets;
+use crate::policy::Reason;
 use std::net::IpAddr;
 
 /// Why a relay ended.
@@ -29,11 +30,44 @@ pub enum RelayEnd {
     UploadBudget,
 }
 
+impl RelayEnd {
+    /// The reason a relay that ended this way turns its decision into a deny, if it does.
+    pub fn denial(self) -> Option<Reason> {
+        match self {
+            RelayEnd::UploadLimit => Some(Reason::UploadLimit),
+            RelayEnd::UploadBudget => Some(Reason::UploadBudget),
+            RelayEnd::Revoked => Some(Reason::Revoked),
+            RelayEnd::Closed | RelayEnd::Idle | RelayEnd::Error => None,
+        }
+    }
+}
+
 /// Limits on client→server bytes: the rule's per-tunnel cap and the client's budget.
 #[derive(Clone, Copy, Default)]
 pub struct UploadLimits<'a> {
     pub cap: Option<u64>,
     pub budget: Option<(&'a Budgets, IpAddr)>,
+}
+
+impl UploadLimits<'_> {
+    /// Admits `n` more client bytes after `sent`: checks the cap, then charges the budget.
+    fn charge(&self, sent: u64, n: u64) -> Result<(), RelayEnd> {
+        if self.cap.is_some_and(|cap| sent + n > cap) {
+            return Err(RelayEnd::UploadLimit);
+        }
+        match self.budget {
+            Some((budgets, client)) if !budgets.try_spend(client, n, Instant::now()) => Err(RelayEnd::UploadBudget),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Forwards client bytes read before the relay starts (a buffered ClientHello, bytes hyper read
+/// past a request head) under the same limits the relay applies; pass their length to
+/// [`relay`] as `already_up`. `Err` names why they were not forwarded.
+pub async fn forward_early(upstream: &mut TcpStream, bytes: &[u8], limits: UploadLimits<'_>) -> Result<(), Reason> {
+    limits.charge(0, bytes.len() as u64).map_err(|end| end.denial().unwrap_or(Reason::Upstream))?;
+    upstream.write_all(bytes).await.map_err(|_| Reason::Upstream)
 }
 
 /// Byte counts and how the relay ended.
@@ -104,14 +138,8 @@ async fn pump(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return RelayEnd::Error,
         };
-        let sent = counter.load(Ordering::Relaxed);
-        if limits.cap.is_some_and(|cap| sent + n as u64 > cap) {
-            return RelayEnd::UploadLimit;
-        }
-        if let Some((budgets, client)) = limits.budget {
-            if !budgets.try_spend(client, n as u64, Instant::now()) {
-                return RelayEnd::UploadBudget;
-            }
+        if let Err(end) = limits.charge(counter.load(Ordering::Relaxed), n as u64) {
+            return end;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return RelayEnd::Error;

@@ -13,10 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::relay::{RelayEnd, UploadLimits, relay};
+use super::relay::{UploadLimits, forward_early, relay};
 use super::{Proxy, dial};
 use crate::policy::name::{Host, normalize_host};
 use crate::policy::{Action, Decision, Facts, Reason, Surface};
@@ -224,28 +223,17 @@ async fn tls_flow(proxy: Arc<Proxy>, mut stream: TcpStream, peer: SocketAddr, ow
             return reset(stream);
         }
     };
-    let limits = policy.limits(&decision);
-    let replayed = buf.len() as u64;
-    let over_cap = limits.max_upload_bytes.is_some_and(|cap| replayed > cap);
-    if over_cap || !proxy.budgets.try_spend(peer.ip(), replayed, Instant::now()) {
-        let reason = if over_cap { Reason::UploadLimit } else { Reason::UploadBudget };
+    let upload =
+        UploadLimits { cap: policy.limits(&decision).max_upload_bytes, budget: Some((&proxy.budgets, peer.ip())) };
+    if let Err(reason) = forward_early(&mut upstream, &buf, upload).await {
         emit(decision.denied_for(reason), 0, 0, Some(ip));
         return reset(stream);
     }
-    if upstream.write_all(&buf).await.is_err() {
-        emit(decision.denied_for(Reason::Upstream), 0, 0, Some(ip));
-        return reset(stream);
-    }
-    let registration = proxy.tunnels.register(host.clone(), orig.port(), peer.ip());
-    let upload = UploadLimits { cap: limits.max_upload_bytes, budget: Some((&proxy.budgets, peer.ip())) };
+    let replayed = buf.len() as u64;
     drop(buf);
+    let registration = proxy.tunnels.register(host.clone(), orig.port(), peer.ip());
     let out = relay(&mut stream, &mut upstream, replayed, upload, cfg.idle_timeout, &registration.cancel).await;
-    let d = match out.end {
-        RelayEnd::UploadLimit => decision.denied_for(Reason::UploadLimit),
-        RelayEnd::UploadBudget => decision.denied_for(Reason::UploadBudget),
-        RelayEnd::Revoked => decision.denied_for(Reason::Revoked),
-        _ => decision,
-    };
+    let d = out.end.denial().map_or(decision, |r| decision.denied_for(r));
     emit(d, out.up, out.down, Some(ip));
 }
 
