@@ -24,6 +24,9 @@
 //! through that proxy (absolute-form HTTP or CONNECT). `--sut-pid PID` makes the rate commands
 //! report the CPU time per operation of that process tree over exactly the measured window.
 
+mod common;
+use common::name;
+
 use std::collections::HashMap;
 use std::io::{Read, Seek, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -1117,23 +1120,6 @@ fn dns_answer(q: &[u8], out: &mut [u8]) -> Option<usize> {
 // ---------------------------------------------------------------------------------------------
 // Names
 // ---------------------------------------------------------------------------------------------
-
-/// The same deterministic generator as `benches/policy.rs`: names of 2–4 labels shaped like
-/// blocklist entries.
-fn name(i: usize) -> String {
-    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    let mut label = String::new();
-    for _ in 0..(6 + i % 10) {
-        label.push((b'a' + (x % 26) as u8) as char);
-        x = x.rotate_left(7).wrapping_mul(0x2545_F491_4F6C_DD1D);
-    }
-    let tld = ["com", "net", "org", "io", "co.uk", "de"][i % 6];
-    match i % 3 {
-        0 => format!("{label}.{tld}"),
-        1 => format!("www.{label}.{tld}"),
-        _ => format!("cdn-{}.{label}.{tld}", i % 97),
-    }
-}
 
 fn gen_names(o: &Opts) -> AnyResult<()> {
     let n: usize = o.num("count", 1_000_000)?;

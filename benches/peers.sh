@@ -706,6 +706,16 @@ dnsrow() {
     printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$e" "$d" "$u" "$(med "upstream.$key")" \
         "$(ratio "$e" "$b")" "$(ratio "$e" "$(med "upstream.$key")")"
 }
+nolog_table() { # nolog_table TITLE KEY...: egressd with and without its audit line
+    local k
+    echo "| $1 | egressd | egressd, no audit line | ratio |"
+    echo "|---|---|---|---|"
+    shift
+    for k in "$@"; do
+        printf '| %s | %s | %s | %s |\n' "$k" "$(med "egressd.$k")" "$(med "egressd_nolog.$k")" \
+            "$(ratio "$(med "egressd.$k")" "$(med "egressd_nolog.$k")")"
+    done
+}
 {
     echo "## Peer benchmark run $(date -u +%Y-%m-%dT%H:%MZ)"
     echo
@@ -739,12 +749,7 @@ dnsrow() {
         echo
         echo "Diagnostic (not a production setting): egressd with the audit line off (RUST_LOG=info,egressd::audit=off)."
         echo
-        echo "| measure | egressd | egressd, no audit line | ratio |"
-        echo "|---|---|---|---|"
-        for k in hello_rate hello_cpu http_rate http_cpu; do
-            printf '| %s | %s | %s | %s |\n' "$k" "$(med "egressd.$k")" "$(med "egressd_nolog.$k")" \
-                "$(ratio "$(med "egressd.$k")" "$(med "egressd_nolog.$k")")"
-        done
+        nolog_table "measure" hello_rate hello_cpu http_rate http_cpu
         echo
     fi
     if [[ ",$ONLY," == *,dns,* ]]; then
@@ -760,12 +765,7 @@ dnsrow() {
         dnsrow "  SUT CPU µs per query at ${DNS_RATE} qps" mix_cpu_fixed low
         dnsrow "RSS idle, MiB" rss_idle_mib low
         echo
-        echo "| DNS diagnostic (audit line off, RUST_LOG=info,egressd::audit=off) | egressd | egressd, no audit line | ratio |"
-        echo "|---|---|---|---|"
-        for k in hit_qps hit_cpu mix_qps mix_cpu; do
-            printf '| %s | %s | %s | %s |\n' "$k" "$(med "egressd.$k")" "$(med "egressd_nolog.$k")" \
-                "$(ratio "$(med "egressd.$k")" "$(med "egressd_nolog.$k")")"
-        done
+        nolog_table "DNS diagnostic (audit line off, RUST_LOG=info,egressd::audit=off)" hit_qps hit_cpu mix_qps mix_cpu
         echo
     fi
     if [[ ",$ONLY," == *,reload,* ]]; then

@@ -4,6 +4,9 @@
 //! Run: `cargo bench --bench policy`. Memory is printed as `rss_delta_mib` (resident set growth
 //! from loading the policy, read from /proc/self/statm), since criterion measures time only.
 
+mod common;
+use common::name;
+
 use std::hint::black_box;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,22 +23,6 @@ fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     pages * 4096
-}
-
-/// Deterministic pseudo-random names shaped like blocklist entries.
-fn name(i: usize) -> String {
-    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    let mut label = String::new();
-    for _ in 0..(6 + i % 10) {
-        label.push((b'a' + (x % 26) as u8) as char);
-        x = x.rotate_left(7).wrapping_mul(0x2545_F491_4F6C_DD1D);
-    }
-    let tld = ["com", "net", "org", "io", "co.uk", "de"][i % 6];
-    match i % 3 {
-        0 => format!("{label}.{tld}"),
-        1 => format!("www.{label}.{tld}"),
-        _ => format!("cdn-{}.{label}.{tld}", i % 97),
-    }
 }
 
 /// Writes a config whose one allow rule lists `NAMES` names from a hosts file.
